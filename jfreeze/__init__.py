@@ -1,0 +1,56 @@
+"""jfreeze: train only part of a JAX model, exactly.
+
+Selectors describe what is frozen (whole leaves or single elements), label
+functions and transforms feed optax, and forward-pass helpers keep frozen
+weight gradients out of the compiled step. ``jfreeze.flax`` (imported on first
+use) adapts all of it to Flax linen and NNX.
+"""
+
+from jfreeze.forward import merge, split, stop_gradient
+from jfreeze.inspection import Summary, assert_frozen, summary
+from jfreeze.labels import Labels, labels
+from jfreeze.paths import path_str
+from jfreeze.selectors import (
+    Selector,
+    as_selector,
+    elements,
+    everything,
+    nothing,
+    paths,
+    regex,
+    where,
+)
+from jfreeze.transforms import freeze, partition
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Labels",
+    "Selector",
+    "Summary",
+    "as_selector",
+    "assert_frozen",
+    "elements",
+    "everything",
+    "freeze",
+    "labels",
+    "merge",
+    "nothing",
+    "partition",
+    "path_str",
+    "paths",
+    "regex",
+    "split",
+    "stop_gradient",
+    "summary",
+    "where",
+]
+
+
+def __getattr__(name: str):
+    # `jf.flax` without importing flax at `import jfreeze` time.
+    if name == "flax":
+        import importlib
+
+        return importlib.import_module("jfreeze.flax")
+    raise AttributeError(f"module 'jfreeze' has no attribute {name!r}")

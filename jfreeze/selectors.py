@@ -1,0 +1,623 @@
+"""Selectors: pure, static, hashable descriptions of a set of leaves or elements.
+
+A selector looks only at a leaf's key path (see :mod:`jfreeze.paths`), shape and
+dtype, never at its values, so it gives the same answer on params, gradients,
+tracers and ``jax.ShapeDtypeStruct``; it is evaluated with NumPy at trace time.
+
+Calling a selector on a tree gives a *mask tree*: ``True``/``False`` per leaf, or
+a NumPy bool array of the leaf's shape where only some elements are selected.
+A whole-leaf selector is therefore a drop-in ``optax.masked`` mask function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, Union
+
+import jax
+import numpy as np
+import optax
+
+from jfreeze.paths import broadcast_prefix, closest, describe_paths, path_str, shape_dtype
+
+__all__ = [
+    "Selector",
+    "paths",
+    "regex",
+    "where",
+    "elements",
+    "everything",
+    "nothing",
+    "as_selector",
+]
+
+Mask = Union[bool, np.ndarray]  # one leaf's mask: whole leaf, or per element
+FrozenSpec = Any  # a Selector, a bool mask tree (prefix), or params -> mask tree
+
+
+# --------------------------------------------------------------------------
+# Walking a tree.
+
+
+def _is_placeholder(x: Any) -> bool:
+    # Holes left by jf.split (None) and optax.masked (MaskedNode): they carry a
+    # path but no array, so patterns may match them without being "typos".
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flat:
+    """A tree flattened once: real leaves by path, plus placeholder paths."""
+
+    entries: list  # (path, leaf) for real leaves, in tree order
+    holes: list  # paths of None / MaskedNode placeholders
+    slots: list  # the flattened list, placeholders included
+    treedef: Any
+    tree: Any
+
+    @classmethod
+    def of(cls, tree: Any) -> "_Flat":
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_placeholder)
+        entries, holes = [], []
+        for p, x in flat:
+            (holes if _is_placeholder(x) else entries).append((path_str(p), x))
+        return cls(entries, holes, [x for _, x in flat], treedef, tree)
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.entries]
+
+    def unflatten(self, values: list) -> Any:
+        """A tree shaped like the input, with ``values`` at the real leaves."""
+        it = iter(values)
+        return self.treedef.unflatten([x if _is_placeholder(x) else next(it) for x in self.slots])
+
+
+# --------------------------------------------------------------------------
+# Mask algebra (bool or NumPy bool array of the leaf's shape).
+
+
+def _or(a: Mask, b: Mask) -> Mask:
+    if a is True or b is True:
+        return True
+    if a is False:
+        return b
+    if b is False:
+        return a
+    return np.logical_or(a, b)
+
+
+def _and(a: Mask, b: Mask) -> Mask:
+    if a is False or b is False:
+        return False
+    if a is True:
+        return b
+    if b is True:
+        return a
+    return np.logical_and(a, b)
+
+
+def _not(a: Mask) -> Mask:
+    return (not a) if isinstance(a, bool) else np.logical_not(a)
+
+
+def _simplify(m: Mask) -> Mask:
+    """An element mask that selects all or nothing is a whole-leaf mask."""
+    if isinstance(m, bool):
+        return m
+    if m.all():
+        return True
+    if not m.any():
+        return False
+    return m
+
+
+def compact(m: np.ndarray) -> np.ndarray:
+    """The smallest array that broadcasts back to ``m``, so a column mask on a
+    large kernel becomes a small constant in the compiled program."""
+    for axis in range(m.ndim):
+        first = m.take([0], axis=axis)
+        if (m == first).all():
+            m = first
+    return m
+
+
+def _concrete(value: Any, where_: str) -> Any:
+    """NumPy value of ``value``; a clear error if it is traced."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{where_}: the selection depends on traced values. Selectors and masks "
+            "must depend only on the key path, shape and dtype of a leaf, so they "
+            "can be evaluated with NumPy at trace time."
+        )
+    return value if isinstance(value, (bool, np.bool_)) else np.asarray(value)
+
+
+def _bool_mask(value: Any, leaf: Any, where_: str) -> Mask:
+    """Checks one mask value (bool or bool array) against one leaf."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    value = _concrete(value, where_)
+    if not isinstance(value, np.ndarray) or value.dtype != np.bool_:
+        got = (
+            f"{value.dtype} array" if getattr(value, "ndim", 0) else
+            f"{value.dtype} scalar" if isinstance(value, np.ndarray) else type(value).__name__
+        )
+        raise TypeError(
+            f"{where_}: the mask must be boolean (True = selected), got {got}. "
+            "Use a bool or a bool array; for positions use an index expression "
+            "such as np.s_[:, 0]."
+        )
+    if value.ndim == 0:
+        return bool(value)
+    shape = getattr(leaf, "shape", None)
+    if shape is None:
+        raise TypeError(
+            f"{where_}: an element-wise mask needs an array leaf, got "
+            f"{type(leaf).__name__}."
+        )
+    try:
+        return _simplify(np.broadcast_to(value, shape))
+    except ValueError:
+        raise ValueError(
+            f"{where_}: mask of shape {value.shape} does not broadcast to the "
+            f"leaf's shape {tuple(shape)}."
+        ) from None
+
+
+# --------------------------------------------------------------------------
+# Patterns (globs and regexes) and strictness.
+
+
+@functools.lru_cache(maxsize=4096)
+def _glob_regex(glob: str) -> re.Pattern:
+    """``*`` one segment, ``**`` any number of segments, ``?`` one char, ``[..]``."""
+    out, i, n = [], 0, len(glob)
+    while i < n:
+        c = glob[i]
+        if glob.startswith("**", i):
+            before = i == 0 or glob[i - 1] == "/"
+            after = i + 2 == n or glob[i + 2] == "/"
+            if before and after and i + 2 < n:  # "**/" : zero or more segments
+                out.append("(?:[^/]+/)*")
+                i += 3
+                continue
+            if before and after and i > 0:  # trailing "/**": the node or below
+                out[-1] = "(?:/.*)?"  # replace the "/" just emitted
+                i += 2
+                continue
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[":
+            j = glob.find("]", i + 2)
+            if j < 0:
+                out.append(re.escape(c))
+                i += 1
+            else:
+                body = glob[i + 1 : j]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append("[" + body.replace("\\", "\\\\") + "]")
+                i = j + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out))
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_regex(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def _check_strict(sel: "Selector", flat: _Flat) -> None:
+    """Every strict glob / regex inside ``sel`` must match some path."""
+    all_paths = flat.paths + flat.holes
+    for label, compiled, spelled in sel._strict_patterns():
+        if not any(compiled.fullmatch(p) for p in all_paths):
+            near = closest(spelled, all_paths)
+            raise ValueError(
+                f"{label} matches no leaf of the tree. Closest paths: "
+                f"{describe_paths(near)}. Paths are '/'-joined keys (see "
+                "jf.summary(params)); pass strict=False to allow a pattern that "
+                "matches nothing."
+            )
+
+
+# --------------------------------------------------------------------------
+# Selectors.
+
+
+class Selector:
+    """Base class of every selector; combine with ``|``, ``&``, ``~`` and ``-``.
+
+    >>> import jax.numpy as jnp
+    >>> import jfreeze as jf
+    >>> params = {"backbone": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
+    >>> (jf.paths("backbone/**") | jf.paths("head/w"))(params)
+    {'backbone': {'w': True}, 'head': {'w': True}}
+    """
+
+    # Per-leaf answer; ``leaf`` is a ShapeDtypeStruct for arrays.
+    def leaf_mask(self, path: str, leaf: Any) -> Mask:
+        raise NotImplementedError
+
+    def _masks(self, flat: _Flat) -> list[Mask]:
+        return [self.leaf_mask(p, shape_dtype(x)) for p, x in flat.entries]
+
+    def _strict_patterns(self) -> Iterator[tuple[str, re.Pattern, str]]:
+        return iter(())
+
+    def evaluate(self, flat: _Flat) -> list[Mask]:
+        """Masks of a flattened tree's leaves, with strict patterns checked."""
+        _check_strict(self, flat)
+        return [_simplify(m) for m in self._masks(flat)]
+
+    def masks(self, tree: Any) -> tuple[_Flat, list[Mask]]:
+        """Flattens ``tree`` and evaluates the selector on it."""
+        flat = _Flat.of(tree)
+        return flat, self.evaluate(flat)
+
+    def __call__(self, tree: Any) -> Any:
+        flat, masks = self.masks(tree)
+        return flat.unflatten(masks)
+
+    def __or__(self, other: "Selector") -> "Selector":
+        return _Or(self, as_selector(other))
+
+    def __and__(self, other: "Selector") -> "Selector":
+        return _And(self, as_selector(other))
+
+    def __sub__(self, other: "Selector") -> "Selector":
+        return _And(self, _Not(as_selector(other)))
+
+    def __invert__(self) -> "Selector":
+        return _Not(self)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Paths(Selector):
+    globs: tuple[str, ...]
+    strict: bool = True
+
+    def leaf_mask(self, path, leaf):
+        return any(_glob_regex(g).fullmatch(path) for g in self.globs)
+
+    def _strict_patterns(self):
+        if self.strict:
+            for g in self.globs:
+                yield f"jf.paths({g!r})", _glob_regex(g), g
+
+    def __repr__(self):
+        args = ", ".join(map(repr, self.globs))
+        return f"paths({args}{'' if self.strict else ', strict=False'})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Regex(Selector):
+    pattern: str
+    strict: bool = True
+
+    def leaf_mask(self, path, leaf):
+        return _compile_regex(self.pattern).fullmatch(path) is not None
+
+    def _strict_patterns(self):
+        if self.strict:
+            yield f"jf.regex({self.pattern!r})", _compile_regex(self.pattern), self.pattern
+
+    def __repr__(self):
+        return f"regex({self.pattern!r}{'' if self.strict else ', strict=False'})"
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Where(Selector):
+    predicate: Callable[[str, Any], Any]
+
+    def leaf_mask(self, path, leaf):
+        try:
+            out = self.predicate(path, leaf)
+        except Exception as e:  # noqa: BLE001 - re-raised with the path named
+            raise TypeError(
+                f"jf.where({_name(self.predicate)}) failed at path {path!r}: "
+                f"{type(e).__name__}: {e}. The predicate receives (path, leaf) where "
+                "leaf is a jax.ShapeDtypeStruct: it may use the path, shape and dtype, "
+                "never the values."
+            ) from e
+        return _bool_mask(out, leaf, f"jf.where({_name(self.predicate)}) at path {path!r}")
+
+    def __repr__(self):
+        return f"where({_name(self.predicate)})"
+
+
+def _freeze_index(x: Any) -> Any:
+    """A hashable, comparable stand-in for an index expression or mask."""
+    if isinstance(x, slice):
+        return ("slice", x.start, x.stop, x.step)
+    if isinstance(x, (tuple, list)):
+        return (type(x).__name__, *map(_freeze_index, x))
+    if isinstance(x, np.ndarray):
+        return ("array", x.shape, x.dtype.str, x.tobytes())
+    return x
+
+
+def _index_repr(x: Any) -> str:
+    if isinstance(x, slice):
+        parts = ["" if v is None else repr(v) for v in (x.start, x.stop, x.step)]
+        return ":".join(parts[:2] if x.step is None else parts)
+    if x is Ellipsis:
+        return "..."
+    if isinstance(x, tuple):
+        return ", ".join(map(_index_repr, x)) if x else "()"
+    if isinstance(x, np.ndarray):
+        return f"array(shape={x.shape}, dtype={x.dtype})"
+    if callable(x):
+        return _name(x)
+    return repr(x)
+
+
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
+class _Elements(Selector):
+    glob: str
+    mask: Any
+    strict: bool = True
+
+    def leaf_mask(self, path, leaf):
+        if not _glob_regex(self.glob).fullmatch(path):
+            return False
+        where_ = f"jf.elements({self.glob!r}) at path {path!r}"
+        shape = getattr(leaf, "shape", None)
+        if shape is None or not hasattr(leaf, "dtype"):
+            raise TypeError(
+                f"{where_}: element-wise selection needs an array leaf, got "
+                f"{type(leaf).__name__}. Use jf.paths for whole leaves."
+            )
+        spec = self.mask
+        if callable(spec):
+            spec = spec(leaf)
+        if isinstance(spec, (bool, np.bool_, np.ndarray, jax.Array)):
+            return _bool_mask(spec, leaf, where_)
+        out = np.zeros(shape, dtype=bool)  # an index expression: mark its entries
+        try:
+            out[spec] = True
+        except (IndexError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{where_}: index {_index_repr(spec)} does not fit the leaf's shape "
+                f"{tuple(shape)}: {e}"
+            ) from None
+        return _simplify(out)
+
+    def _strict_patterns(self):
+        if self.strict:
+            yield f"jf.elements({self.glob!r}, ...)", _glob_regex(self.glob), self.glob
+
+    def __eq__(self, other):
+        return isinstance(other, _Elements) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def _key(self):
+        return (self.glob, _freeze_index(self.mask), self.strict)
+
+    def __repr__(self):
+        m = self.mask
+        shown = f"np.s_[{_index_repr(m)}]" if isinstance(m, (tuple, slice, int)) else _index_repr(m)
+        return f"elements({self.glob!r}, {shown}{'' if self.strict else ', strict=False'})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Constant(Selector):
+    value: bool
+
+    def leaf_mask(self, path, leaf):
+        return self.value
+
+    def __repr__(self):
+        return "everything" if self.value else "nothing"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Or(Selector):
+    a: Selector
+    b: Selector
+
+    def _masks(self, flat):
+        return list(map(_or, self.a._masks(flat), self.b._masks(flat)))
+
+    def leaf_mask(self, path, leaf):
+        return _or(self.a.leaf_mask(path, leaf), self.b.leaf_mask(path, leaf))
+
+    def _strict_patterns(self):
+        yield from self.a._strict_patterns()
+        yield from self.b._strict_patterns()
+
+    def __repr__(self):
+        return f"({self.a!r} | {self.b!r})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _And(Selector):
+    a: Selector
+    b: Selector
+
+    def _masks(self, flat):
+        return list(map(_and, self.a._masks(flat), self.b._masks(flat)))
+
+    def leaf_mask(self, path, leaf):
+        return _and(self.a.leaf_mask(path, leaf), self.b.leaf_mask(path, leaf))
+
+    def _strict_patterns(self):
+        yield from self.a._strict_patterns()
+        yield from self.b._strict_patterns()
+
+    def __repr__(self):
+        if isinstance(self.b, _Not):
+            return f"({self.a!r} - {self.b.a!r})"
+        return f"({self.a!r} & {self.b!r})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _Not(Selector):
+    a: Selector
+
+    def _masks(self, flat):
+        return [_not(m) for m in self.a._masks(flat)]
+
+    def leaf_mask(self, path, leaf):
+        return _not(self.a.leaf_mask(path, leaf))
+
+    def _strict_patterns(self):
+        return self.a._strict_patterns()
+
+    def __repr__(self):
+        return f"~{self.a!r}"
+
+
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
+class _MaskTree(Selector):
+    """What optax takes as a mask: a bool tree (a prefix of params) or params -> that."""
+
+    spec: Any
+
+    def _masks(self, flat):
+        spec = self.spec(flat.tree) if callable(self.spec) else self.spec
+        values = broadcast_prefix(spec, flat.tree, what="mask", is_hole=_is_placeholder)
+        return [
+            _bool_mask(m, shape_dtype(x), f"mask at path {p!r}")
+            for (p, x), m in zip(flat.entries, values)
+        ]
+
+    def leaf_mask(self, path, leaf):
+        raise TypeError(
+            "a mask tree or mask function needs the whole tree; use a selector "
+            "(jf.paths, jf.regex, jf.where, jf.elements) where leaves are seen one "
+            "at a time"
+        )
+
+    def __eq__(self, other):
+        return isinstance(other, _MaskTree) and self.spec is other.spec
+
+    def __hash__(self):
+        return id(self.spec)
+
+    def __repr__(self):
+        return f"mask({_name(self.spec) if callable(self.spec) else self.spec!r})"
+
+
+# --------------------------------------------------------------------------
+# Public constructors.
+
+
+def paths(*globs: str, strict: bool = True) -> Selector:
+    """Leaves whose path matches any of the globs (full match).
+
+    ``*`` matches one path segment, ``**`` any number of segments (``a/**`` is
+    ``a`` and everything below it), ``?`` one character, ``[..]`` a class.
+
+    Args:
+      *globs: patterns on ``'/'``-joined key paths.
+      strict: if True (default), evaluating on a tree where a glob matches
+        nothing raises a ``ValueError`` naming the closest paths.
+
+    >>> import jax.numpy as jnp
+    >>> import jfreeze as jf
+    >>> params = {"backbone": {"layers": [{"w": jnp.ones(2)}]}, "head": {"w": jnp.ones(2)}}
+    >>> jf.paths("backbone/**")(params)
+    {'backbone': {'layers': [{'w': True}]}, 'head': {'w': False}}
+    """
+    if not globs or not all(isinstance(g, str) for g in globs):
+        raise TypeError(f"jf.paths takes one or more glob strings, got {globs!r}")
+    return _Paths(tuple(globs), strict)
+
+
+def regex(pattern: str, *, strict: bool = True) -> Selector:
+    """Leaves whose path fully matches the regular expression ``pattern``.
+
+    >>> import jax.numpy as jnp
+    >>> import jfreeze as jf
+    >>> params = {"layers_0": {"w": jnp.ones(1)}, "layers_7": {"w": jnp.ones(1)}}
+    >>> jf.regex(r"layers_[0-3]/.*")(params)
+    {'layers_0': {'w': True}, 'layers_7': {'w': False}}
+    """
+    _compile_regex(pattern)  # fail now on a malformed expression
+    return _Regex(pattern, strict)
+
+
+def where(predicate: Callable[[str, Any], Any]) -> Selector:
+    """Leaves (or elements) for which ``predicate(path, leaf)`` is true.
+
+    ``leaf`` is a ``jax.ShapeDtypeStruct``: the predicate may use the path, shape
+    and dtype but never values. It returns a bool, or a bool array broadcastable
+    to the leaf to select elements.
+
+    >>> import jax.numpy as jnp
+    >>> import jfreeze as jf
+    >>> params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    >>> jf.where(lambda path, leaf: leaf.ndim == 1)(params)
+    {'b': True, 'w': False}
+    """
+    if not callable(predicate):
+        raise TypeError(f"jf.where takes a function (path, leaf) -> bool, got {predicate!r}")
+    return _Where(predicate)
+
+
+def elements(glob: str, mask: Any, *, strict: bool = True) -> Selector:
+    """Some elements of the leaves matching ``glob``.
+
+    Args:
+      glob: which leaves, as in :func:`paths`.
+      mask: a NumPy index expression (``np.s_[:, 0]``), a bool array
+        broadcastable to the leaf, or a function of the leaf (a
+        ``jax.ShapeDtypeStruct``) returning either.
+      strict: as in :func:`paths`.
+
+    >>> import jax.numpy as jnp, numpy as np
+    >>> import jfreeze as jf
+    >>> jf.elements("w", np.s_[:, 0])({"w": jnp.ones((2, 2))})["w"]
+    array([[ True, False],
+           [ True, False]])
+    """
+    if not isinstance(glob, str):
+        raise TypeError(f"jf.elements takes a glob string first, got {glob!r}")
+    return _Elements(glob, mask, strict)
+
+
+#: Selects every leaf.
+everything: Selector = _Constant(True)
+#: Selects no leaf.
+nothing: Selector = _Constant(False)
+
+
+def as_selector(frozen: FrozenSpec) -> Selector:
+    """A selector from what ``frozen=`` accepts everywhere.
+
+    A :class:`Selector` as it is; otherwise what optax takes as a mask: a bool
+    mask tree (a prefix of the params tree, a scalar bool included) or a
+    function ``params -> mask tree``.
+
+    >>> import jfreeze as jf
+    >>> jf.as_selector({"a": True, "b": False})({"a": {"w": 1.0}, "b": 2.0})
+    {'a': {'w': True}, 'b': False}
+    """
+    if isinstance(frozen, Selector):
+        return frozen
+    if isinstance(frozen, (str, re.Pattern)):
+        raise TypeError(
+            f"frozen={frozen!r}: a string is ambiguous here; write "
+            f"jf.paths({frozen!r}) or jf.regex({frozen!r})."
+        )
+    return _MaskTree(frozen)
+
