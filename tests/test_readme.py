@@ -1,0 +1,21 @@
+"""The README's opening example runs and prints what the README shows."""
+
+import contextlib
+import io
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_opening_example_runs_and_matches_printed_table():
+    code = _blocks("python")[0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    shown = _blocks("text")[0].strip()
+    assert out.getvalue().strip() == shown
