@@ -63,7 +63,10 @@ class _Flat:
         flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_placeholder)
         entries, holes = [], []
         for p, x in flat:
-            (holes if _is_placeholder(x) else entries).append((path_str(p), x))
+            if _is_placeholder(x):
+                holes.append(path_str(p))
+            else:
+                entries.append((path_str(p), x))
         return cls(entries, holes, [x for _, x in flat], treedef, tree)
 
     @property
