@@ -148,8 +148,26 @@ def _mismatch(prefix: Any, tree: Any, what: str, is_hole) -> str:
                 f"the {what} does not cover the params leaf at path {tp!r}: it must "
                 "have the structure of the params tree, or a prefix of it."
             )
+    at = _node_mismatch(prefix, tree, (), is_hole)
+    where_ = "" if at is None else f" at path {path_str(at)!r}" if at else " at the root"
     return (
         f"the {what} and the params tree have the same paths but different node "
-        f"types (e.g. list vs tuple, dict vs dataclass). {what.capitalize()}: "
-        f"{jtu.tree_structure(prefix)}; params: {jtu.tree_structure(tree)}."
+        f"types{where_} (e.g. list vs tuple, dict vs dataclass). {what.capitalize()}: "
+        f"{jtu.tree_structure(prefix)}; params: {jtu.tree_structure(tree, is_leaf=is_hole)}."
     )
+
+
+def _node_mismatch(prefix: Any, tree: Any, path: tuple, is_hole) -> tuple | None:
+    """Key path of the first node whose type differs between ``prefix`` and ``tree``."""
+    pflat, pdef = jtu.tree_flatten_with_path(prefix, is_leaf=lambda x: x is not prefix)
+    if jtu.treedef_is_leaf(pdef):
+        return None  # a prefix leaf covers any subtree
+    tflat, tdef = jtu.tree_flatten_with_path(
+        tree, is_leaf=lambda x: x is not tree or is_hole(x))
+    if pdef != tdef:
+        return path
+    for (key, p), (_, t) in zip(pflat, tflat):
+        found = _node_mismatch(p, t, path + tuple(key), is_hole)
+        if found is not None:
+            return found
+    return None
