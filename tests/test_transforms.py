@@ -1,0 +1,323 @@
+"""jf.freeze and jf.partition: frozen is bit-identical, trainable is untouched by freezing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+
+import jfreeze as jf
+from strategies import MODES, bits, property_settings, trees_and_selections
+
+STEPS = 3
+
+
+# name -> (factory, whether NaN/Inf may sit in frozen *elements* of params).
+# Frozen elements of a partly frozen leaf still reach the inner optimizer as
+# params (only their gradients and updates are zeroed), exactly as in the
+# reference run: lamb's trust ratio and adafactor's parameter scale take a whole
+# leaf's norm, and novograd keeps weight decay in its momentum, so a NaN param
+# *element* legitimately shows up in that leaf's trainable update or in the
+# state. Those get NaN/Inf params only in whole frozen leaves (routed away).
+OPTIMIZERS = {
+    "sgd_momentum": (lambda: optax.sgd(0.1, momentum=0.9), True),
+    "adam": (lambda: optax.adam(0.1), True),
+    "adamw": (lambda: optax.adamw(0.1, weight_decay=0.1), True),
+    "lion": (lambda: optax.lion(0.1, weight_decay=0.1), True),
+    "lamb": (lambda: optax.lamb(0.1, weight_decay=0.1), False),
+    "adafactor": (lambda: optax.adafactor(0.1), False),
+    "clip_adamw": (
+        lambda: optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(0.1, weight_decay=0.1)),
+        True,
+    ),
+    # Not a GradientTransformation: passed as is, by duck typing.
+    "multisteps_adam": (lambda: optax.MultiSteps(optax.adam(0.1), every_k_schedule=2), True),
+    "inject_adamw": (
+        lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=0.1, weight_decay=0.1),
+        True,
+    ),
+    "rmsprop": (lambda: optax.rmsprop(0.1, momentum=0.5), True),
+    "adagrad": (lambda: optax.adagrad(0.1), True),
+    "novograd": (lambda: optax.novograd(0.1, weight_decay=0.1), False),
+    "adabelief": (lambda: optax.adabelief(0.1), True),
+}
+# Examples per (optimizer, mode). Under jit every example is a fresh compile;
+# eagerly MultiSteps' lax.cond is traced and compiled at every call.
+EXAMPLES = {"jit": 5, "eager": 10}
+EXAMPLES_MULTISTEPS_EAGER = 3
+
+
+def _poison(x: np.ndarray, where: np.ndarray, rng, values) -> np.ndarray:
+    """``x`` with entries at ``where`` replaced by random picks from ``values``."""
+    x = x.copy()
+    picks = np.asarray(values, dtype=np.float32)[rng.integers(0, len(values), x.shape)]
+    x[where] = picks[where]
+    return x
+
+
+def make_case(params, selection, rng, *, nan_in_frozen_elements: bool):
+    """Params with -0.0/NaN in frozen places, STEPS gradients with NaN/Inf there."""
+    leaves, treedef = jax.tree.flatten(params)
+    p_out, g_out = [], [[] for _ in range(STEPS)]
+    for i, x in enumerate(leaves):
+        fz = selection.frozen_elements(i, x.shape)
+        param_values = [-0.0, 0.0, 1.5]  # -0.0 pins the bits, eagerly too
+        if selection.masks[i] is True or nan_in_frozen_elements:
+            param_values += [np.nan, -np.nan, np.inf]
+        p_out.append(_poison(x, fz, rng, param_values))
+        for s in range(STEPS):
+            g = rng.standard_normal(x.shape).astype(np.float32)
+            g_out[s].append(_poison(g, fz, rng, [np.nan, np.inf, -np.inf, -0.0, 1e30]))
+    return treedef.unflatten(p_out), [treedef.unflatten(g) for g in g_out]
+
+
+def _identity(f):
+    return f
+
+
+def run(tx, params, grads_seq, mode=_identity, post=_identity):
+    """init + one update per gradient; returns final params, all updates, final state.
+
+    ``mode`` wraps init and the step (jax.jit: one compile, reused every step);
+    ``post`` is applied to each update before it is applied.
+    """
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        updates = post(updates)
+        return optax.apply_updates(params, updates), updates, state
+
+    state = mode(tx.init)(params)
+    step = mode(step)
+    all_updates = []
+    for g in grads_seq:
+        params, updates, state = step(params, state, g)
+        all_updates.append(updates)
+    return params, all_updates, state
+
+
+def run_reference(inner, params, grads_seq, masks, mode=_identity):
+    """Plain optax on the trainable subset alone: a list of the non-frozen leaves
+    (flatten order), element-frozen entries zeroed with jnp.where in the gradient
+    before ``inner`` and in the update after it."""
+
+    def zero(tree):
+        return [x if m is False else jnp.where(m, 0.0, x) for x, m in zip(tree, masks)]
+
+    grads_seq = [[x if m is False else np.where(m, 0.0, x) for x, m in zip(g, masks)]
+                 for g in grads_seq]
+    return run(inner, params, grads_seq, mode, post=zero)[0]
+
+
+def check_freeze_law(mode, make_inner, params, selection, grads_seq):
+    """The three laws of jf.freeze on one tree, selection and gradient sequence."""
+    masks = selection.masks
+    keep = [i for i, m in enumerate(masks) if m is not True]  # not wholly frozen
+    tx = jf.freeze(make_inner(), frozen=selection.selector)
+    new, all_updates, state = run(tx, params, grads_seq, mode)
+
+    p0 = jax.tree.leaves(params)
+    ref_params = [p0[i] for i in keep]
+    ref_grads = [[jax.tree.leaves(g)[i] for i in keep] for g in grads_seq]
+    ref_new = run_reference(make_inner(), ref_params, ref_grads, [masks[i] for i in keep], mode)
+
+    new_leaves = jax.tree.leaves(new)
+    assert jax.tree.structure(new) == jax.tree.structure(params)
+    ref_by_leaf = dict(zip(keep, ref_new))
+    for i, (before, after) in enumerate(zip(p0, new_leaves)):
+        fz = selection.frozen_elements(i, before.shape)
+        # (a) frozen leaves and elements: bit-identical.
+        np.testing.assert_array_equal(bits(after)[fz], bits(before)[fz], err_msg=f"leaf {i} frozen")
+        # (b) trainable: exactly the plain optimizer on the trainable subset.
+        if i in ref_by_leaf:
+            got, want = np.asarray(after)[~fz], np.asarray(ref_by_leaf[i])[~fz]
+            if mode is jax.jit:
+                # Two XLA programs computing the same math may round differently:
+                # the algebraic simplifier folds constant factors (lr * b1, bias
+                # corrections) depending on neighbouring ops such as a jnp.where,
+                # and on which intermediates are outputs, so jit gets ~1 ulp per
+                # step of slack; a leak of a frozen gradient (NaN, Inf, 1e30, or
+                # an O(1) change of a global norm) is far outside it.
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"leaf {i}")
+            else:
+                # Eagerly the same primitives run one by one: bit for bit.
+                np.testing.assert_array_equal(bits(got), bits(want), err_msg=f"leaf {i}")
+    # (c) no NaN/Inf reaches trainable updates or the optimizer state.
+    for updates in all_updates:
+        for i, u in enumerate(jax.tree.leaves(updates)):
+            u = np.asarray(u)
+            fz = selection.frozen_elements(i, u.shape)
+            assert np.isfinite(u[~fz]).all(), f"leaf {i}: non-finite trainable update"
+            assert (u[fz] == 0).all(), f"leaf {i}: non-zero frozen update"
+    for x in jax.tree.leaves(state):
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.inexact):
+            assert np.isfinite(x).all(), "non-finite optimizer state"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_freeze_law_property(name, mode, request):
+    make_inner, nan_in_frozen_elements = OPTIMIZERS[name]
+    mode_id = request.node.callspec.id.split("-")[-1]
+    examples = EXAMPLES[mode_id]
+    if name == "multisteps_adam" and mode_id == "eager":
+        examples = EXAMPLES_MULTISTEPS_EAGER
+
+    @property_settings(examples)
+    @given(trees_and_selections(max_leaves=4))
+    def prop(case):
+        params, selection, rng = case
+        params, grads_seq = make_case(
+            params, selection, rng, nan_in_frozen_elements=nan_in_frozen_elements
+        )
+        check_freeze_law(mode, make_inner, params, selection, grads_seq)
+
+    prop()
+
+
+# --------------------------------------------------------------------------
+# Clipping, extra args, what frozen= takes, migrating from optax.
+
+
+def _bits_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(bits(x), bits(y))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_clipping_inside_freeze_sees_trainable_gradients_only(mode):
+    params = {"backbone": jnp.ones((4, 4)), "head": jnp.ones(3)}
+    grads = {"backbone": jnp.full((4, 4), 50.0), "head": jnp.array([0.3, -0.2, 0.1])}
+    clip_sgd = lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0))
+    labels = {"backbone": "frozen", "head": "train"}
+
+    def updates_of(tx, params, grads):
+        return tx.update(grads, tx.init(params), params)[0]
+
+    got = mode(lambda p, g: updates_of(jf.freeze(clip_sgd(), frozen=jf.paths("backbone")), p, g))(
+        params, grads)
+    alone = mode(lambda p, g: updates_of(clip_sgd(), p, g))(
+        {"head": params["head"]}, {"head": grads["head"]})
+    np.testing.assert_array_equal(bits(got["head"]), bits(alone["head"]))
+    np.testing.assert_array_equal(got["head"], -grads["head"])  # norm < 1: not clipped
+    # NaN/Inf frozen gradients change nothing
+    poisoned = {**grads, "backbone": grads["backbone"].at[0].set(jnp.nan).at[1].set(jnp.inf)}
+    got2 = mode(lambda p, g: updates_of(jf.freeze(clip_sgd(), frozen=jf.paths("backbone")), p, g))(
+        params, poisoned)
+    _bits_equal(got2, got)
+
+    # The trap: clipping *before* routing (plain optax) lets the frozen gradients
+    # shrink the trainable update (here ~70x).
+    trap_tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.multi_transform({"train": optax.sgd(1.0), "frozen": optax.set_to_zero()}, labels),
+    )
+    trap = mode(lambda p, g: updates_of(trap_tx, p, g))(params, grads)
+    shrink = np.linalg.norm(trap["head"]) / np.linalg.norm(got["head"])
+    assert shrink < 0.02, shrink
+
+
+def test_freeze_passes_extra_args_through():
+    def scale_by_extra():
+        def update(updates, state, params=None, *, scale, **extra):
+            return jax.tree.map(lambda u: u * scale, updates), state
+
+        return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+    params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    tx = jf.freeze(optax.chain(optax.sgd(1.0), scale_by_extra()), frozen=jf.paths("a"))
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params, scale=3.0)
+    np.testing.assert_array_equal(updates["b"], [-3.0, -3.0])
+    np.testing.assert_array_equal(bits(updates["a"]), bits(np.full(2, -0.0, np.float32)))
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+
+
+def test_multisteps_accumulates_trainable_gradients_only():
+    params = {"backbone": jnp.ones((64, 64)), "head": jnp.ones(3)}
+    tx = jf.freeze(optax.MultiSteps(optax.adam(1e-3), every_k_schedule=4),
+                   frozen=jf.paths("backbone"))
+    state = tx.init(params)
+    sizes = [x.size for x in jax.tree.leaves(state) if np.ndim(x)]
+    assert sizes == [3, 3, 3]  # acc_grads, mu, nu for the head only
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_optax_masked_is_the_trap_freeze_avoids(mode):
+    # optax.masked(inner, trainable) passes unselected ("frozen") updates through
+    # raw: apply_updates adds the gradient to the frozen leaf.
+    params = {"backbone": jnp.ones(2), "head": jnp.ones(2)}
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+
+    def step(tx, params):
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    trainable = {"backbone": False, "head": True}
+    trap = mode(lambda p: step(optax.masked(optax.adam(0.1), trainable), p))(params)
+    assert (np.asarray(trap["backbone"]) == 1.5).all()
+    frozen = {"backbone": True, "head": False}
+    ok = mode(lambda p: step(jf.freeze(optax.adam(0.1), frozen=frozen), p))(params)
+    np.testing.assert_array_equal(ok["backbone"], params["backbone"])
+    np.testing.assert_array_equal(ok["head"], trap["head"])
+
+
+MASK_SPECS = {
+    "selector": jf.paths("backbone/**"),
+    "prefix_tree": {"backbone": True, "head": False},
+    "full_tree": {"backbone": {"w": True, "b": True}, "head": {"w": False, "b": False}},
+    "function": lambda params: {"backbone": True, "head": False},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("spec", list(MASK_SPECS))
+def test_frozen_accepts_selector_mask_tree_and_mask_function(spec, mode):
+    params = {"backbone": {"w": jnp.array([-0.0, jnp.nan]), "b": jnp.array([1.0])},
+              "head": {"w": jnp.array([1.0, 2.0]), "b": jnp.array([-0.0])}}
+    new, _, _ = mode(lambda p: run(jf.freeze(optax.adamw(0.1), frozen=MASK_SPECS[spec]), p,
+                                   [jax.tree.map(jnp.ones_like, p)] * 2))(params)
+    _bits_equal(new["backbone"], params["backbone"])
+    assert (np.asarray(new["head"]["w"]) < params["head"]["w"]).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("everything_frozen", [True, False])
+def test_scalar_bool_frozen(everything_frozen, mode):
+    params = {"a": jnp.array([-0.0, 1.0]), "b": [jnp.array(2.0)]}
+    tx = jf.freeze(optax.adam(0.1), frozen=everything_frozen)
+    new, _, state = mode(lambda p: run(tx, p, [jax.tree.map(jnp.ones_like, p)] * 2))(params)
+    moved = [not np.array_equal(bits(x), bits(y))
+             for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(params))]
+    assert moved == [not everything_frozen] * 2
+    assert (sum(np.size(x) for x in jax.tree.leaves(state)) == 1 + 2 * 3 * (not everything_frozen))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mask", [True, False, {"backbone": True, "head": False},
+                                  {"backbone": {"w": True, "b": False}, "head": False}],
+                         ids=["all", "none", "prefix", "full"])
+def test_selective_transform_migrates_to_freeze(mask, mode):
+    assert hasattr(optax, "selective_transform")  # optax >= 0.2.7
+    params = {"backbone": {"w": jnp.array([-0.0, 3.0]), "b": jnp.array([0.5])},
+              "head": {"w": jnp.array([1.0, -0.0]), "b": jnp.array([2.0])}}
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+             for _ in range(3)]
+    inner = lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.1))
+    old, _, _ = mode(lambda p, g: run(optax.selective_transform(inner(), freeze_mask=mask), p, g))(
+        params, grads)
+    new, _, _ = mode(lambda p, g: run(jf.freeze(inner(), frozen=mask), p, g))(params, grads)
+    # same values everywhere ...
+    for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(old)):
+        np.testing.assert_array_equal(x, y)
+    # ... and frozen leaves keep their bits (selective_transform's +0.0 update
+    # turns -0.0 into +0.0 eagerly; jfreeze's -0.0 update does not)
+    jf.assert_frozen(params, new, frozen=mask)
+    frozen_mask = jf.as_selector(mask)(params)
+    for x, y, m in zip(jax.tree.leaves(new), jax.tree.leaves(params), jax.tree.leaves(frozen_mask)):
+        if m:
+            np.testing.assert_array_equal(bits(x), bits(y))
