@@ -1,0 +1,222 @@
+"""Selectors: globs, regexes, predicates, elements, algebra; static and hashable."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jfreeze as jf
+from strategies import MODES
+
+
+PARAMS = {
+    "a": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
+    "ab": {"kernel": jnp.ones((3, 2))},
+    "enc": {
+        "layers_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)},
+        "layers_1": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)},
+        "layers_12": {"kernel": jnp.ones((2, 2))},
+    },
+    "bias": jnp.zeros(1),
+}
+
+
+def selected(sel, tree=PARAMS):
+    """Paths a whole-leaf selector selects, sorted."""
+    flat = jax.tree_util.tree_flatten_with_path(sel(tree))[0]
+    return sorted(jf.path_str(p) for p, m in flat if m is True)
+
+
+@pytest.mark.parametrize(
+    "glob, expected",
+    [
+        ("a/*", ["a/bias", "a/kernel"]),  # * is one segment
+        ("a*/kernel", ["a/kernel", "ab/kernel"]),  # ... and may be empty
+        ("*", ["bias"]),  # full match: not 'a/kernel'
+        ("a/**", ["a/bias", "a/kernel"]),  # a and below
+        ("a", []),  # a node is not a leaf (strict=False below)
+        ("**/bias", ["a/bias", "bias", "enc/layers_0/bias", "enc/layers_1/bias"]),  # zero or more
+        ("enc/**/kernel", ["enc/layers_0/kernel", "enc/layers_1/kernel", "enc/layers_12/kernel"]),
+        ("enc/layers_?/kernel", ["enc/layers_0/kernel", "enc/layers_1/kernel"]),  # one char
+        ("enc/layers_[1-3]/*", ["enc/layers_1/bias", "enc/layers_1/kernel"]),
+        ("enc/layers_[!0]*/kernel", ["enc/layers_1/kernel", "enc/layers_12/kernel"]),
+        ("**", sorted([
+            "a/bias", "a/kernel", "ab/kernel", "bias", "enc/layers_0/bias", "enc/layers_0/kernel",
+            "enc/layers_1/bias", "enc/layers_1/kernel", "enc/layers_12/kernel",
+        ])),
+    ],
+)
+def test_glob_semantics(glob, expected):
+    assert selected(jf.paths(glob, strict=False)) == expected
+
+
+def test_a_slash_double_star_matches_a_leaf_named_a():
+    assert selected(jf.paths("bias/**"), PARAMS) == ["bias"]
+
+
+def test_regex_is_a_full_match():
+    assert selected(jf.regex(r"enc/layers_\d/.*")) == [
+        "enc/layers_0/bias", "enc/layers_0/kernel", "enc/layers_1/bias", "enc/layers_1/kernel"
+    ]
+    assert selected(jf.regex("kernel", strict=False)) == []  # no search semantics
+
+
+def test_where_sees_path_shape_and_dtype():
+    seen = []
+
+    def pred(path, leaf):
+        seen.append((path, type(leaf)))
+        return leaf.ndim == 1 and path.startswith("enc")
+
+    assert selected(jf.where(pred)) == ["enc/layers_0/bias", "enc/layers_1/bias"]
+    assert {t for _, t in seen} == {jax.ShapeDtypeStruct}
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        np.s_[:, 0],
+        np.array([True, False]),  # broadcasts along the last axis
+        np.array([[True, False], [True, False], [True, False]]),
+        lambda leaf: np.arange(leaf.shape[-1]) == 0,  # a function of the leaf
+    ],
+    ids=["index", "bool_broadcast", "bool_full", "function"],
+)
+def test_elements_mask_forms(mask):
+    out = jf.elements("ab/kernel", mask)(PARAMS)
+    np.testing.assert_array_equal(out["ab"]["kernel"], [[True, False]] * 3)
+    assert out["a"]["kernel"] is False
+
+
+def test_elements_all_or_nothing_is_a_whole_leaf_mask():
+    assert jf.elements("a/bias", np.s_[:])(PARAMS)["a"]["bias"] is True
+    assert jf.elements("a/bias", np.zeros(3, bool))(PARAMS)["a"]["bias"] is False
+
+
+def test_where_may_return_an_element_mask():
+    eye = np.eye(2, dtype=bool)
+    sel = jf.where(lambda path, leaf: eye if path == "enc/layers_0/kernel" else False)
+    np.testing.assert_array_equal(sel(PARAMS)["enc"]["layers_0"]["kernel"], np.eye(2, dtype=bool))
+
+
+def test_everything_and_nothing():
+    assert all(jax.tree.leaves(jf.everything(PARAMS)))
+    assert not any(jax.tree.leaves(jf.nothing(PARAMS)))
+
+
+def test_algebra_whole_leaves():
+    a, k = jf.paths("a/**"), jf.paths("**/kernel")
+    assert selected(a | k) == sorted(set(selected(a)) | set(selected(k)))
+    assert selected(a & k) == ["a/kernel"]
+    assert selected(a - k) == ["a/bias"]
+    assert selected(~a) == sorted(set(selected(jf.everything)) - set(selected(a)))
+    assert selected(~~a) == selected(a)
+
+
+def test_algebra_element_wise():
+    col0 = jf.elements("a/kernel", np.s_[:, 0])
+    row0 = jf.elements("a/kernel", np.s_[0, :])
+    rows, cols = np.indices((2, 3))
+
+    def mask(sel):
+        m = sel(PARAMS)["a"]["kernel"]
+        return np.broadcast_to(m, (2, 3))
+
+    np.testing.assert_array_equal(mask(col0 | row0), (cols == 0) | (rows == 0))
+    np.testing.assert_array_equal(mask(col0 & row0), (cols == 0) & (rows == 0))
+    np.testing.assert_array_equal(mask(col0 - row0), (cols == 0) & (rows != 0))
+    np.testing.assert_array_equal(mask(~col0), cols != 0)
+    # mixing with whole-leaf selectors
+    assert (col0 | jf.paths("a/**"))(PARAMS)["a"]["kernel"] is True
+    np.testing.assert_array_equal(mask(jf.paths("a/**") - col0), cols != 0)
+    assert (col0 & jf.paths("ab/**", "bias"))(PARAMS)["a"]["kernel"] is False
+    # ~ turns the rest of the tree on
+    assert (~col0)(PARAMS)["ab"]["kernel"] is True
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_same_answer_on_arrays_tracers_and_shape_dtype_structs(mode):
+    sel = (
+        jf.paths("enc/**")
+        - jf.regex(r".*layers_1.*")
+        | jf.elements("a/kernel", lambda leaf: np.tri(*leaf.shape, dtype=bool))
+        | jf.where(lambda path, leaf: leaf.shape == (3, 2))
+    )
+    expected = sel(PARAMS)
+    structs = jax.eval_shape(lambda p: p, PARAMS)
+    assert jax.tree.leaves(structs)[0].__class__ is jax.ShapeDtypeStruct
+    seen = {}
+
+    def f(p):
+        seen["mask"] = sel(p)  # evaluated on tracers under jit
+        return p
+
+    mode(f)(PARAMS)
+    for got in (seen["mask"], sel(structs)):
+        assert jax.tree.structure(got) == jax.tree.structure(expected)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            assert type(x) is type(y)
+            np.testing.assert_array_equal(x, y)
+
+
+def test_selectors_are_hashable_with_value_equality_and_readable_repr():
+    a = jf.paths("a/**", "enc/*/kernel")
+    e = jf.elements("a/kernel", np.s_[:, 0])
+    combos = [a | e, a & e, a - e, ~a, jf.regex("x.*", strict=False)]
+    for sel in [a, e, *combos]:
+        hash(sel)
+    assert jf.paths("a/**", "enc/*/kernel") == a
+    assert hash(jf.paths("a/**", "enc/*/kernel")) == hash(a)
+    assert jf.elements("a/kernel", np.s_[:, 0]) == e
+    assert jf.elements("a/kernel", np.s_[:, 1]) != e
+    assert jf.elements("a/kernel", np.array([True, False])) == jf.elements(
+        "a/kernel", np.array([True, False]))
+    assert (a | e) == (jf.paths("a/**", "enc/*/kernel") | jf.elements("a/kernel", np.s_[:, 0]))
+    assert len({a, jf.paths("a/**", "enc/*/kernel"), e}) == 2
+    assert repr(a) == "paths('a/**', 'enc/*/kernel')"
+    assert repr(e) == "elements('a/kernel', np.s_[:, 0])"
+    assert repr(a - e) == "(paths('a/**', 'enc/*/kernel') - elements('a/kernel', np.s_[:, 0]))"
+    assert repr(~jf.regex("x", strict=False)) == "~regex('x', strict=False)"
+    assert repr(jf.everything | jf.nothing) == "(everything | nothing)"
+
+
+def test_selector_is_an_optax_masked_mask_fn():
+    # optax.masked(inner, mask_fn): the inner transform runs on selected leaves.
+    # (To *freeze*, use jf.freeze: masked passes unselected updates through raw.)
+    tx = optax.masked(optax.set_to_zero(), jf.paths("a/**"))
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+    updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+    assert float(jnp.abs(updates["a"]["kernel"]).sum()) == 0
+    assert float(updates["ab"]["kernel"].sum()) == 6
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        True,
+        {"a": True, "ab": False, "enc": False, "bias": False},  # a prefix of params
+        lambda params: jax.tree.map(lambda _: False, params) | {"a": True},
+    ],
+    ids=["scalar_bool", "prefix_tree", "function"],
+)
+def test_as_selector_accepts_what_optax_takes(spec):
+    sel = jf.as_selector(spec)
+    expected = selected(jf.everything) if spec is True else ["a/bias", "a/kernel"]
+    assert selected(sel) == expected
+    assert jf.as_selector(sel) is sel
+
+
+def test_strict_false_allows_a_pattern_that_matches_nothing():
+    assert selected(jf.paths("nope/**", strict=False) | jf.paths("a/**")) == ["a/bias", "a/kernel"]
+    assert selected(jf.regex("nope", strict=False)) == []
+    assert jf.elements("nope", np.s_[0], strict=False)(PARAMS)["a"]["bias"] is False
+
+
+def test_patterns_may_match_split_placeholders():
+    # jf.split leaves None where the other part holds a leaf; a pattern naming
+    # such a hole is not a typo.
+    trainable, _ = jf.split(PARAMS, frozen=jf.paths("a/**"))
+    assert jf.paths("a/**")(trainable)["a"] == {"kernel": None, "bias": None}
