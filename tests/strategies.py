@@ -26,7 +26,7 @@ import hypothesis.strategies as st
 import jax
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 import jfreeze as jf
 
@@ -149,10 +149,17 @@ def trees_and_selections(draw, max_leaves: int = 5):
     return materialize(skeleton, rng), selection, rng
 
 
-def property_settings(max_examples: int):
-    """Modest, deadline-free hypothesis settings (jit recompiles per example)."""
+def property_settings(max_examples: int, *, shrink: bool = True):
+    """Modest, deadline-free hypothesis settings.
+
+    Under jit every example is a fresh compile, so shrinking a failure can take
+    many minutes: pass ``shrink=False`` there (the failing example is still
+    printed in full).
+    """
+    phases = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if shrink else [])
     return settings(
         max_examples=max_examples,
         deadline=None,
+        phases=phases,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
