@@ -1,0 +1,380 @@
+"""Flax adapters: frozen linen modules, a frozen-aware ``TrainState``, NNX filters.
+
+This module imports Flax, so ``import jfreeze`` does not load it; ``jf.flax``
+loads it on first use.
+
+- :func:`frozen` — a linen module class, module instance or method whose
+  parameters get no gradient (``nn.map_variables`` with
+  ``jax.lax.stop_gradient``). The parameter tree keeps its ordinary paths, so
+  checkpoints and jfreeze selectors still match. Applied to one *call* of a
+  shared module it gives reuse without update (situation 5).
+- :class:`TrainState` — ``flax.training.train_state.TrainState`` holding the
+  frozen parameters beside the optimizer rather than in it, so the step
+  differentiates the trainable ones only (the plain ``TrainState`` with
+  ``tx=jf.freeze(...)`` works too).
+- :func:`nnx_filter` — a jfreeze selector as an NNX filter, for
+  ``nnx.Optimizer(model, tx, wrt=...)`` and ``nnx.DiffState``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax import nnx, struct
+from flax.training import train_state as _train_state
+
+from jfreeze.forward import merge, split
+from jfreeze.paths import describe_paths, path_str, shape_dtype
+from jfreeze.selectors import FrozenSpec, Selector, _MaskTree, _simplify, as_selector
+
+__all__ = ["frozen", "TrainState", "nnx_filter", "NNXFilter"]
+
+CollectionFilter = Any  # what flax takes: a name, a list/tuple of names, True
+
+
+# --------------------------------------------------------------------------
+# linen: frozen modules, instances and methods.
+
+
+def _stop_gradient(variables: Any) -> Any:
+    return jax.lax.stop_gradient(variables)
+
+
+def _run_frozen(mdl: nn.Module, fn: Callable, collections: CollectionFilter,
+                args: tuple, kwargs: dict) -> Any:
+    """Runs ``fn(mdl, *args, **kwargs)`` with ``collections`` seen through stop_gradient.
+
+    Variables are created normally when ``params`` is mutable (``init``); at
+    ``apply`` the mapped collections are read-only inside, so a frozen part that
+    tries to write one (a BatchNorm in training mode, when ``batch_stats`` is
+    mapped) raises instead of drifting.
+    """
+    init = mdl.is_mutable_collection("params")
+    lifted = nn.map_variables(fn, collections, trans_in_fn=_stop_gradient, init=init)
+    return lifted(mdl, *args, **kwargs)
+
+
+def _frozen_method(fn: Callable, collections: CollectionFilter) -> Callable:
+    @functools.wraps(fn)
+    def frozen_method(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return _run_frozen(self, fn, collections, args, kwargs)
+
+    frozen_method.__jfreeze_frozen__ = True  # type: ignore[attr-defined]
+    return frozen_method
+
+
+def _module_methods(cls: type) -> dict[str, Callable]:
+    """``__call__`` and the public methods a user module class defines (or inherits
+    from user classes): every way of running it, so no method trains by accident."""
+    found: dict[str, Callable] = {}
+    for klass in cls.__mro__:
+        if klass is nn.Module or not issubclass(klass, nn.Module):
+            break
+        fields = {f.name for f in dataclasses.fields(klass)} if dataclasses.is_dataclass(klass) else set()
+        for name, attr in vars(klass).items():
+            if name in found or name in fields or name == "setup":
+                continue
+            if name != "__call__" and name.startswith("_"):
+                continue
+            if inspect.isfunction(attr) and not hasattr(attr, "nowrap"):
+                found[name] = attr
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _frozen_class(cls: type, collections: CollectionFilter) -> type:
+    methods = {
+        name: fn if getattr(fn, "__jfreeze_frozen__", False) else _frozen_method(fn, collections)
+        for name, fn in _module_methods(cls).items()
+    }
+    # Same __name__: linen auto-names submodules after their class ("MLP_0"), so
+    # the parameter tree, checkpoints and selectors are those of the plain class.
+    new = type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__})
+    new.__qualname__ = f"frozen({cls.__qualname__})"
+    new.__jfreeze_frozen_of__ = cls  # type: ignore[attr-defined]
+    return new
+
+
+@dataclasses.dataclass(frozen=True)
+class _FrozenCall:
+    """One call of a bound module with its variables seen through stop_gradient."""
+
+    module: nn.Module
+    fn: Callable
+    collections: CollectionFilter
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _run_frozen(self.module, self.fn, self.collections, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"frozen({type(self.module).__name__} {self.module.name!r}, {self.fn.__name__})"
+
+
+def _collections_key(collections: CollectionFilter) -> CollectionFilter:
+    if isinstance(collections, list):
+        return tuple(collections)
+    return collections
+
+
+def frozen(
+    target: Any,
+    *,
+    method: str | Callable | None = None,
+    collections: CollectionFilter = "params",
+) -> Any:
+    """A linen module (class, instance or method) whose parameters get no gradient.
+
+    The parameters exist and are initialised exactly as without ``frozen``, with
+    the same paths, so checkpoints and jfreeze selectors still match; the module
+    sees them through ``jax.lax.stop_gradient`` (``nn.map_variables``), so their
+    gradient is zero and, under ``jax.jit``, never computed, while gradients
+    still flow *through* the module to whatever is before it. Freezing in the
+    forward pass does not stop an optimizer from moving the parameters (weight
+    decay, momentum): also use ``jf.freeze(...)`` or :class:`TrainState`.
+
+    Args:
+      target: what to freeze:
+
+        - a module **class**: a subclass (same name, so same auto-names) whose
+          ``__call__`` and public methods all run frozen;
+        - an unbound module **instance** (made in ``setup`` before assignment,
+          or passed as a field): the same module as an instance of that class;
+        - a bound module **instance** (a submodule in ``__call__``), or one of
+          its bound methods (``self.body.encode``): a callable that runs it
+          with frozen parameters. Only these calls are frozen: the module's
+          other calls still train it, which is reuse without update
+          (situation 5);
+        - a **method**, as a decorator in a class body: every parameter the
+          method uses, its submodules' included, is frozen while it runs.
+      method: for a bound instance, the method to run (name or function);
+        default ``__call__``.
+      collections: the variable collections seen frozen; default ``"params"``.
+        Pass ``("params", "batch_stats")`` to also make a frozen backbone's
+        BatchNorm statistics read-only: run it with
+        ``use_running_average=True``, and it raises if it tries to update them.
+
+    Returns:
+      A module class, a module instance or a callable, as above.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jfreeze as jf
+    >>> class Probe(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         x = nn.Dense(3)(x)                      # trains
+    ...         x = jf.flax.frozen(nn.Dense)(3)(x)      # frozen, still "Dense_1"
+    ...         return x.sum()
+    >>> params = Probe().init(jax.random.key(0), jnp.ones((1, 2)))["params"]
+    >>> grads = jax.grad(lambda p: Probe().apply({"params": p}, jnp.ones((1, 2))))(params)
+    >>> jax.tree.map(lambda g: bool(g.any()), grads)
+    {'Dense_0': {'bias': True, 'kernel': True}, 'Dense_1': {'bias': False, 'kernel': False}}
+    """
+    collections = _collections_key(collections)
+    if inspect.ismethod(target) and isinstance(target.__self__, nn.Module):
+        # frozen(self.body.encode): the bound module, run through that method
+        if method is not None:
+            raise TypeError("jf.flax.frozen(module.method, method=...): the method is given twice")
+        return frozen(target.__self__, method=target.__func__, collections=collections)
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        if method is not None:
+            raise TypeError("jf.flax.frozen(cls, method=...): every method of a frozen class is frozen")
+        return _frozen_class(target, collections)
+    if isinstance(target, nn.Module):
+        cls = type(target)
+        if target.scope is None:  # unbound: becomes an instance of the frozen class
+            if method is not None:
+                raise TypeError(
+                    "jf.flax.frozen(module, method=...) needs a bound module (a submodule "
+                    "used inside __call__); an unbound module is frozen as a whole."
+                )
+            fields = {
+                f.name: getattr(target, f.name)
+                for f in dataclasses.fields(target)
+                if f.init and f.name not in ("parent", "name")
+            }
+            return frozen(cls, collections=collections)(
+                **fields, parent=target.parent, name=target.name
+            )
+        if method is None:
+            fn = cls.__call__
+        elif isinstance(method, str):
+            fn = getattr(cls, method)
+        else:
+            fn = method.__func__ if inspect.ismethod(method) else method
+        return _FrozenCall(target, fn, collections)
+    if callable(target):
+        if method is not None:
+            raise TypeError("jf.flax.frozen(fn, method=...): method= is for module instances")
+        return _frozen_method(target, collections)
+    raise TypeError(
+        f"jf.flax.frozen takes a linen Module class, a Module instance or a method, got {target!r}"
+    )
+
+
+# --------------------------------------------------------------------------
+# TrainState with the frozen parameters beside the optimizer.
+
+
+class TrainState(_train_state.TrainState):
+    """``flax.training.train_state.TrainState`` with the frozen parameters held apart.
+
+    ``create(..., frozen=sel)`` splits the parameters (:func:`jfreeze.split`):
+    ``params`` holds the trainable leaves (``None`` where a leaf is frozen) and
+    is all the optimizer sees, and ``frozen_params`` the frozen ones. The step
+    differentiates ``state.params`` only, so the frozen weight gradients are
+    never built, even when the step returns the gradients or their norm (with a
+    plain ``TrainState`` and ``tx=jf.freeze(...)``, that brings them back).
+    ``apply_gradients`` is the inherited one. Jit the step with
+    ``donate_argnums=0`` so the frozen buffers are passed through, not copied.
+
+    Element-wise freezing cannot split a leaf: for it use the plain
+    ``TrainState`` with ``tx=jf.freeze(..., frozen=jf.elements(...))``.
+
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+    >>> import jfreeze as jf
+    >>> model = nn.Sequential([nn.Dense(4), nn.Dense(2)])
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    >>> state = jf.flax.TrainState.create(apply_fn=model.apply, params=params,
+    ...                                   tx=optax.adam(1e-2), frozen=jf.paths("layers_0/**"))
+    >>> def loss(trainable, x):
+    ...     return state.apply_fn({"params": state.merged(trainable)}, x).sum()
+    >>> grads = jax.grad(loss)(state.params, jnp.ones((1, 3)))
+    >>> jax.tree.map(jnp.shape, grads)    # no frozen gradient is ever built
+    {'layers_0': {'bias': None, 'kernel': None}, 'layers_1': {'bias': (2,), 'kernel': (4, 2)}}
+    >>> new = state.apply_gradients(grads=grads)
+    >>> jf.assert_frozen(state.merged(), new.merged(), frozen=jf.paths("layers_0/**"))
+    """
+
+    frozen_params: Any = struct.field(pytree_node=True, default=None)
+
+    @classmethod
+    def create(cls, *, apply_fn: Callable, params: Any, tx: Any,
+               frozen: FrozenSpec = None, **kwargs: Any) -> "TrainState":
+        """Splits ``params`` by ``frozen`` and initialises ``tx`` on the trainable part.
+
+        Args:
+          apply_fn: usually ``model.apply``.
+          params: the full parameter tree.
+          tx: the optimizer for the trainable parameters (a plain optax one).
+          frozen: what is frozen (a selector, bool mask tree or mask function);
+            None: nothing.
+          **kwargs: other fields, as in flax's ``TrainState.create``.
+        """
+        if frozen is None:
+            trainable, frozen_params = params, jax.tree.map(lambda _: None, params)
+        else:
+            trainable, frozen_params = split(params, frozen=frozen)
+        return super().create(apply_fn=apply_fn, params=trainable, tx=tx,
+                              frozen_params=frozen_params, **kwargs)
+
+    def merged(self, trainable: Any = None) -> Any:
+        """The full parameter tree: ``trainable`` (default ``self.params``) and the frozen leaves."""
+        return merge(self.params if trainable is None else trainable, self.frozen_params)
+
+
+# --------------------------------------------------------------------------
+# NNX filters.
+
+
+def _value(x: Any) -> Any:
+    """The array inside an NNX variable (``get_value()`` since flax 0.12, ``.value`` before)."""
+    if isinstance(x, nnx.Variable):
+        return x.get_value() if hasattr(x, "get_value") else x.value
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class NNXFilter:
+    """An NNX filter ``(path, value) -> bool`` made from a jfreeze selector.
+
+    Built by :func:`nnx_filter`; combine it with NNX's own filters
+    (``nnx.All(nnx.Param, f)``, ``nnx.Not(f)``).
+    """
+
+    selector: Selector
+
+    def __call__(self, path: tuple, value: Any) -> bool:
+        p = path_str(path)
+        m = _simplify(self.selector.leaf_mask(p, shape_dtype(_value(value))))
+        if not isinstance(m, bool):
+            raise ValueError(
+                f"jf.flax.nnx_filter({self.selector!r}) selects only some elements of the "
+                f"variable at path {p!r}; an NNX filter takes or leaves whole variables. "
+                "To freeze elements, pass tx=jf.freeze(tx, frozen=jf.elements(...)) to "
+                "nnx.Optimizer and filter whole variables with wrt."
+            )
+        return m
+
+    def __repr__(self) -> str:
+        return f"nnx_filter({self.selector!r})"
+
+
+def nnx_filter(selector: Selector, *, model: Any = None) -> NNXFilter:
+    """A jfreeze selector as an NNX filter, with paths spelled as jfreeze spells them.
+
+    NNX filters see one variable at a time, so a pattern that matches nothing
+    cannot be caught by the filter itself; pass ``model=`` to check the
+    selector against the model now (a typo then raises, naming the closest
+    paths, as strict patterns do elsewhere in jfreeze). Element-wise selections
+    cannot be NNX filters (an error); freeze elements with ``jf.freeze`` as the
+    optimizer's ``tx``. The selector sees each variable's value as a
+    ``jax.ShapeDtypeStruct``; combine with ``nnx.Param`` etc. for the type.
+
+    Args:
+      selector: a jfreeze selector (``jf.paths``, ``jf.regex``, ``jf.where``,
+        and their combinations).
+      model: optional NNX module (or graph node) to check the selector against.
+
+    Returns:
+      An :class:`NNXFilter`, usable wherever NNX takes a filter:
+      ``nnx.Optimizer(model, tx, wrt=...)``, ``nnx.DiffState(0, ...)``,
+      ``nnx.state``, ``nnx.split``.
+
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> import jfreeze as jf
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.backbone = nnx.Linear(2, 3, rngs=rngs)
+    ...         self.head = nnx.Linear(3, 1, rngs=rngs)
+    >>> model = Net(nnx.Rngs(0))
+    >>> trainable = nnx.All(nnx.Param, nnx.Not(jf.flax.nnx_filter(jf.paths("backbone/**"), model=model)))
+    >>> opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=trainable)
+    >>> sorted(nnx.to_flat_state(nnx.state(model, trainable)).paths)  # what trains
+    [('head', 'bias'), ('head', 'kernel')]
+    """
+    sel = as_selector(selector)
+    if isinstance(sel, _MaskTree):
+        raise TypeError(
+            "jf.flax.nnx_filter takes a selector (jf.paths, jf.regex, jf.where, ...): an "
+            "NNX filter sees one variable at a time, never a whole mask tree."
+        )
+    if model is not None:
+        _check_on_model(sel, model)
+    return NNXFilter(sel)
+
+
+def _check_on_model(selector: Selector, model: Any) -> None:
+    """Evaluates ``selector`` strictly on the variables of an NNX ``model``.
+
+    Raises the usual jfreeze errors: a pattern that matches no variable (naming
+    the closest paths), or an element-wise selection (naming the path).
+    """
+    flat = nnx.to_flat_state(nnx.state(model))
+    # A flat dict keyed by the path strings spells every path exactly as the
+    # NNX filter does, so strictness is checked on the same strings.
+    by_path = {path_str(p): shape_dtype(_value(v)) for p, v in flat}
+    flat_sel, masks = selector.masks(by_path)
+    partial = [p for p, m in zip(flat_sel.paths, masks) if not isinstance(m, bool)]
+    if partial:
+        raise ValueError(
+            f"jf.flax.nnx_filter({selector!r}) selects only some elements of "
+            f"{describe_paths(partial)}; an NNX filter takes or leaves whole variables. "
+            "To freeze elements, pass tx=jf.freeze(tx, frozen=jf.elements(...)) to nnx.Optimizer."
+        )
