@@ -6,10 +6,15 @@ weight gradients out of the compiled step. ``jfreeze.flax`` (imported on first
 use) adapts all of it to Flax linen and NNX.
 """
 
+from jfreeze.checkpoint import check_manifest, freeze_manifest, restore_trainable, save_trainable
+from jfreeze.checks import ComputeReport, check_frozen_compute
 from jfreeze.forward import merge, split, stop_gradient
 from jfreeze.inspection import Summary, assert_frozen, summary
 from jfreeze.labels import Labels, labels
 from jfreeze.paths import path_str
+from jfreeze.population import shard_stacked, stack, unstack
+from jfreeze.scaling import LayerwiseDecay, layerwise_decay, scale_by_label
+from jfreeze.schedules import GradualUnfreezeState, gradual_unfreeze
 from jfreeze.selectors import (
     Selector,
     as_selector,
@@ -25,24 +30,38 @@ from jfreeze.transforms import freeze, partition
 __version__ = "0.1.0"
 
 __all__ = [
+    "ComputeReport",
+    "GradualUnfreezeState",
     "Labels",
+    "LayerwiseDecay",
     "Selector",
     "Summary",
     "as_selector",
     "assert_frozen",
+    "check_frozen_compute",
+    "check_manifest",
     "elements",
     "everything",
     "freeze",
+    "freeze_manifest",
+    "gradual_unfreeze",
     "labels",
+    "layerwise_decay",
     "merge",
     "nothing",
     "partition",
     "path_str",
     "paths",
     "regex",
+    "restore_trainable",
+    "save_trainable",
+    "scale_by_label",
+    "shard_stacked",
     "split",
+    "stack",
     "stop_gradient",
     "summary",
+    "unstack",
     "where",
 ]
 

@@ -1,0 +1,226 @@
+"""Gradual unfreezing: a freeze that changes with the step count, inside one compiled step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jfreeze.selectors import Mask, Selector, _Flat, as_selector, compact
+from jfreeze.transforms import _as_transform, _routed, _zero_updates
+
+__all__ = ["gradual_unfreeze", "GradualUnfreezeState"]
+
+_NEVER = np.iinfo(np.int64).max  # thaw step of a leaf (or element) that no stage thaws
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+class GradualUnfreezeState(NamedTuple):
+    """State of :func:`gradual_unfreeze`: the step count and the inner state."""
+
+    count: jax.Array  # int32: how many updates have been applied
+    inner: Any
+
+
+def _stages(thaw: Any) -> tuple[tuple[int, Selector], ...]:
+    """``{step: selection}`` or ``[(step, selection), ...]`` as sorted, checked pairs."""
+    items = list(thaw.items()) if isinstance(thaw, Mapping) else list(thaw)
+    if not items:
+        raise ValueError("jf.gradual_unfreeze: thaw= is empty; give {step: selection, ...}")
+    out: dict[int, Selector] = {}
+    for item in items:
+        try:
+            step, sel = item
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"jf.gradual_unfreeze: thaw= takes {{step: selection}} or [(step, selection), "
+                f"...]; got the entry {item!r}"
+            ) from None
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+            raise TypeError(
+                f"jf.gradual_unfreeze: thaw steps are Python ints (the schedule is static), "
+                f"got {step!r}"
+            )
+        if not 0 <= int(step) <= _INT32_MAX:
+            raise ValueError(f"jf.gradual_unfreeze: thaw step {step} is not in [0, 2**31 - 1]")
+        if int(step) in out:
+            raise ValueError(f"jf.gradual_unfreeze: thaw step {step} is given twice")
+        out[int(step)] = as_selector(sel)
+    return tuple(sorted(out.items()))
+
+
+def _thaw_steps(stages: Sequence[tuple[int, Selector]], flat: _Flat) -> list[Any]:
+    """Per leaf: the step from which it trains (int, ``_NEVER``, or an int64 array of them)."""
+    steps: list[Any] = [_NEVER] * len(flat.entries)
+    # Later stages first, so that an earlier stage overwrites: a leaf thaws at the
+    # first step whose selection takes it, and stays thawed.
+    for step, sel in reversed(stages):
+        for i, m in enumerate(sel.evaluate(flat)):
+            if m is True:
+                steps[i] = step
+            elif m is not False:
+                steps[i] = np.where(m, step, steps[i]).astype(np.int64)
+    out = []
+    for s in steps:
+        if isinstance(s, np.ndarray) and (s == s.flat[0]).all():
+            s = int(s.flat[0])
+        out.append(s)
+    return out
+
+
+def _gate(x: Any, is_open: Any) -> Any:
+    """``x`` where the leaf (or element) has thawed, ``-0.0`` elsewhere (keeps bits)."""
+    return jnp.where(is_open, x, jnp.array(-0.0, x.dtype))
+
+
+def _is_open(count: jax.Array, step: Any) -> Any:
+    """Traced bool (scalar or small compacted array): has this leaf/element thawed?"""
+    if not isinstance(step, np.ndarray):
+        return count >= step
+    never = compact(step == _NEVER)
+    steps = jnp.asarray(compact(np.where(step == _NEVER, 0, step)).astype(np.int32))
+    is_open = count >= steps
+    return is_open if not never.any() else jnp.logical_and(is_open, ~never)
+
+
+def _gate_tree(tree: Any, flat: _Flat, opens: list[Any]) -> Any:
+    if all(o is None for o in opens):
+        return tree
+    leaves = [x if o is None else _gate(x, o) for (_, x), o in zip(_Flat.of(tree).entries, opens)]
+    return flat.unflatten(leaves)
+
+
+def _held(inner: optax.GradientTransformationExtraArgs, is_open: jax.Array):
+    """``inner`` whose state is kept at its initial value until ``is_open``."""
+
+    def update(updates, state, params=None, **extra_args):
+        new_updates, new_state = inner.update(updates, state, params, **extra_args)
+        new_state = optax.tree.where(is_open, new_state, state)
+        return jax.tree.map(lambda u: _gate(u, is_open), new_updates), new_state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update)
+
+
+def gradual_unfreeze(
+    inner: Any,
+    *,
+    thaw: Mapping[int, Any] | Sequence[tuple[int, Any]],
+    per_stage: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Thaws parts of the model at given steps, inside one compiled step (ULMFiT-style).
+
+    ``thaw={0: head, 1000: top_block, 2000: jf.everything}`` trains the head
+    from the start, the top block from step 1000 on and everything from step
+    2000 on. A leaf (or element) trains from the first step whose selection
+    takes it and stays trainable; what no stage takes is frozen for good and,
+    as in :func:`jfreeze.freeze`, routed away before ``inner`` (no state).
+
+    The step count lives in the state (a :class:`GradualUnfreezeState`), so
+    the schedule is a traced ``count >= step`` comparison: one compilation for
+    the whole run, no re-initialisation. Until a leaf thaws, its gradient is
+    zeroed before ``inner`` and its update after (``jnp.where``, never a
+    multiplicative mask), so its bits are kept and its moments stay at their
+    initial values (zero for sgd/momentum/adam/adamw/lion/rmsprop, whose state
+    updates map zero gradients to zero; adafactor, for one, adds an epsilon).
+
+    The price of one compilation is compute: ``jnp.where`` on a traced step is
+    not dead code, so the step computes the weight gradients of every leaf that
+    ever thaws from step 0 (in ``examples/gradual_unfreezing.py``, 2.3x the
+    FLOPs of a head-only :func:`jfreeze.freeze` step during the first stage).
+    Leaves no stage thaws are routed away and their gradients are dead code, as
+    with :func:`jfreeze.freeze`.
+
+    Shared versus per-stage state: by default there is one ``inner`` state for
+    all leaves, so a step counter inside ``inner`` is shared, and global
+    transforms (``clip_by_global_norm``) see every thawed leaf at once. Adam's
+    bias correction then treats a leaf thawed at step T as if its moments had
+    been averaging zeros for T steps: with the default betas its first update
+    is 0.58x a fresh Adam's for T = 3 or 30, 1.6x for T = 300, 2.5x for
+    T = 1000 and ``(1 - b1) / sqrt(1 - b2)`` = 3.2x for large T; ten steps
+    later it is up to 6.6x, and 1.26x still after 1000 steps (measured with
+    unit-mean gradients). With ``per_stage=True`` each thaw
+    stage gets its own ``inner`` state, held at its initial value until the
+    stage thaws, so a thawed leaf trains exactly as a fresh ``inner`` started at
+    its thaw step (bias correction, and any schedule inside ``inner``, restart
+    there). The price: transforms that look across leaves (global-norm
+    clipping, ``optax.MultiSteps``) see one stage's leaves at a time. For
+    sgd and momentum the two modes are identical.
+
+    Args:
+      inner: an optax transformation, or anything with optax's
+        ``init``/``update``. The count counts ``update`` calls.
+      thaw: ``{step: selection}`` (or a list of ``(step, selection)`` pairs):
+        from ``step`` on, the selected leaves or elements train. A selection
+        is anything ``frozen=`` accepts, here pointing at what thaws.
+      per_stage: one ``inner`` state per stage, started at its thaw step (see
+        above). An element-wise leaf belongs to the stage of its first thawed
+        element.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`GradualUnfreezeState`.
+
+    >>> import jax.numpy as jnp, optax
+    >>> import jfreeze as jf
+    >>> params = {"body": jnp.ones(2), "head": jnp.ones(2)}
+    >>> tx = jf.gradual_unfreeze(optax.sgd(0.5), thaw={0: jf.paths("head"), 2: jf.paths("body")})
+    >>> state = tx.init(params)
+    >>> grads = {"body": jnp.ones(2), "head": jnp.ones(2)}
+    >>> for _ in range(3):
+    ...     updates, state = tx.update(grads, state, params)
+    ...     params = optax.apply_updates(params, updates)
+    >>> params["head"], params["body"], state.count       # body trained in step 2 only
+    (Array([-0.5, -0.5], dtype=float32), Array([0.5, 0.5], dtype=float32), Array(3, dtype=int32))
+    """
+    stages = _stages(thaw)
+    inner = _as_transform(inner)
+
+    def plan(tree):
+        flat = _Flat.of(tree)
+        steps = _thaw_steps(stages, flat)
+        never: list[Mask] = [isinstance(s, int) and s == _NEVER for s in steps]
+        return flat, steps, never
+
+    def stage_of(step: Any) -> Any:
+        if isinstance(step, np.ndarray):
+            step = int(step.min())
+        return "frozen" if step == _NEVER else f"thaw@{step}"
+
+    def per_stage_tx(flat, steps, count):
+        labels = flat.unflatten([stage_of(s) for s in steps])
+        txs: dict[Any, Any] = {}
+        for s in steps:
+            k = stage_of(s)
+            if k == "frozen":
+                txs[k] = _zero_updates()
+            elif k not in txs:
+                step = int(k.removeprefix("thaw@"))
+                txs[k] = inner if step == 0 else _held(inner, count >= step)
+        return optax.partition(txs, labels)
+
+    def init_fn(params):
+        flat, steps, never = plan(params)
+        if per_stage:
+            state = per_stage_tx(flat, steps, jnp.zeros([], jnp.int32)).init(params)
+        else:
+            state = _routed(inner, never, flat).init(params)
+        return GradualUnfreezeState(count=jnp.zeros([], jnp.int32), inner=state)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        flat, steps, never = plan(updates)
+        count = state.count
+        opens = [
+            None if (isinstance(s, int) and s in (0, _NEVER)) else _is_open(count, s)
+            for s in steps
+        ]
+        updates = _gate_tree(updates, flat, opens)
+        tx = per_stage_tx(flat, steps, count) if per_stage else _routed(inner, never, flat)
+        updates, inner_state = tx.update(updates, state.inner, params, **extra_args)
+        updates = _gate_tree(updates, flat, opens)
+        return updates, GradualUnfreezeState(optax.safe_increment(count), inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,156 @@
+"""jf.save_trainable / jf.restore_trainable: trainable-only orbax checkpoints with a manifest."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jfreeze as jf
+
+pytest.importorskip("orbax.checkpoint")
+
+# emb: frozen for good (the pretrained "source"); head column 0: frozen elements;
+# body: thaws at step 4, i.e. after the resume.
+FROZEN = jf.paths("emb") | jf.elements("head/w", np.s_[:, 0])
+THAW = {0: jf.paths("head/**") - jf.elements("head/w", np.s_[:, 0]), 4: jf.paths("body/**")}
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
+    return {"emb": normal(6, 5), "body": {"w": normal(5, 5)}, "head": {"w": normal(5, 3)}}
+
+
+def _pretrained():
+    return _params(0)["emb"]
+
+
+def _loss(p, x, y):
+    h = jnp.tanh(jnp.tanh(x @ p["emb"]) @ p["body"]["w"])
+    return jnp.mean((h @ p["head"]["w"] - y) ** 2)
+
+
+def _batch(i):
+    rng = np.random.default_rng(100 + i)
+    return (jnp.asarray(rng.standard_normal((8, 6), np.float32)),
+            jnp.asarray(rng.standard_normal((8, 3), np.float32)))
+
+
+TX = jf.freeze(jf.gradual_unfreeze(optax.adamw(0.05), thaw=THAW), frozen=FROZEN)
+
+
+@jax.jit
+def _step(params, state, x, y):
+    grads = jax.grad(_loss)(params, x, y)
+    updates, state = TX.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+
+def _train(params, state, steps):
+    for i in steps:
+        params, state = _step(params, state, *_batch(i))
+    return params, state
+
+
+def _bits(x):
+    return np.asarray(x).view(np.uint32)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """3 steps trained, saved trainable-only; and the 6-step straight run."""
+    params = _params()
+    p3, s3 = _train(params, TX.init(params), range(3))
+    directory = tmp_path_factory.mktemp("ckpt") / "step3"
+    manifest = jf.save_trainable(directory, p3, s3, frozen=FROZEN, frozen_source="pretrained.npz")
+    p6, s6 = _train(p3, s3, range(3, 6))
+    return directory, manifest, (p3, s3), (p6, s6)
+
+
+def _fresh():
+    """A fresh process: frozen weights from their source, the rest freshly initialised."""
+    params = {**_params(seed=1), "emb": _pretrained()}
+    return params, TX.init(params)
+
+
+def test_resumed_run_continues_bit_identically(saved):
+    directory, _, (p3, s3), (p6, s6) = saved
+    params, state = _fresh()
+    params, state = jf.restore_trainable(directory, params, state, frozen=FROZEN)
+    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((p3, s3))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(state.inner_states["trainable"].inner_state.count) == 3  # the schedule resumes
+    q6, t6 = _train(params, state, range(3, 6))
+    for a, b in zip(jax.tree.leaves((q6, t6)), jax.tree.leaves((p6, s6))):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(_bits(a) if a.dtype == jnp.float32 else a, _bits(b)
+                                      if b.dtype == jnp.float32 else b)
+    assert not np.array_equal(q6["body"]["w"], p3["body"]["w"])  # body thawed after the resume
+
+
+def test_frozen_leaves_are_not_saved_and_the_manifest_says_what_was_frozen(saved):
+    directory, manifest, _, _ = saved
+    entries = {e["path"]: e for e in manifest["params"]}
+    assert entries["emb"]["status"] == "frozen" and not entries["emb"]["saved"]
+    assert "fingerprint" in entries["emb"]
+    assert entries["head/w"]["status"] == "partial" and entries["head/w"]["frozen_elements"] == 5
+    assert entries["body/w"]["status"] == "trainable"
+    assert manifest["selector"] == "(paths('emb') | elements('head/w', np.s_[:, 0]))"
+    assert manifest["frozen_source"] == "pretrained.npz"
+    on_disk = json.loads((directory / "manifest" / "metadata").read_text())
+    assert on_disk == manifest
+    # The params item holds the trainable and partially frozen leaves only.
+    import orbax.checkpoint as ocp
+
+    on_disk = ocp.StandardCheckpointer().metadata(directory / "params").item_metadata
+    saved_shapes = sorted(tuple(m.shape) for m in jax.tree.leaves(on_disk))
+    assert saved_shapes == [(5, 3), (5, 5)]  # head/w, body/w; no emb (6, 5)
+
+
+def test_restore_rejects_another_freeze_naming_paths(saved):
+    directory = saved[0]
+    params, state = _fresh()
+    other = jf.paths("emb", "body/**") | jf.elements("head/w", np.s_[:, 0])
+    with pytest.raises(ValueError, match=r"'body/w': trainable when saved, frozen now"):
+        jf.restore_trainable(directory, params, state, frozen=other)
+    other_mask = jf.paths("emb") | jf.elements("head/w", np.s_[:, 1])
+    with pytest.raises(ValueError, match=r"'head/w': partially frozen with a different element"):
+        jf.restore_trainable(directory, params, state, frozen=other_mask)
+
+
+def test_restore_rejects_another_optimizer_or_other_frozen_weights(saved):
+    directory = saved[0]
+    params, _ = _fresh()
+    sgd_state = jf.freeze(optax.sgd(0.1), frozen=FROZEN).init(params)
+    with pytest.raises(ValueError, match="optimizer state does not match"):
+        jf.restore_trainable(directory, params, sgd_state, frozen=FROZEN)
+    other_emb = {**params, "emb": params["emb"].at[0, 0].add(1.0)}
+    with pytest.raises(ValueError, match=r"'emb' differ.*'pretrained.npz'"):
+        jf.restore_trainable(directory, other_emb, None, frozen=FROZEN)
+    jf.restore_trainable(directory, other_emb, None, frozen=FROZEN, verify_frozen=False)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    with pytest.raises(ValueError, match=r"'emb' are not in the checkpoint"):
+        jf.restore_trainable(directory, shapes, None, frozen=FROZEN)
+    renamed = {**params, "body": {"kernel": params["body"]["w"]}}
+    with pytest.raises(ValueError, match=r"'body/w': in the checkpoint, not in the params"):
+        jf.restore_trainable(directory, renamed, None, frozen=FROZEN)
+
+
+def test_include_frozen_restores_from_shapes(tmp_path):
+    params = _params()
+    jf.save_trainable(tmp_path / "full", params, frozen=FROZEN, include_frozen=True)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    restored, state = jf.restore_trainable(tmp_path / "full", shapes, frozen=FROZEN)
+    assert state is None
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+def test_import_jfreeze_does_not_import_orbax():
+    code = "import sys, jfreeze; sys.exit(any(m.startswith('orbax') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
