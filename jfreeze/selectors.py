@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Union
 
@@ -42,6 +43,18 @@ FrozenSpec = Any  # a Selector, a bool mask tree (prefix), or params -> mask tre
 # Walking a tree.
 
 
+def _is_variable(x: Any) -> bool:
+    # An NNX Variable is one leaf, spelled by its own path (not ".../value"), so a
+    # selector answers the same on nnx.State (optimizer init) and on plain arrays
+    # (gradients). No flax import: if flax.nnx was never imported, no Variable exists.
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def _flat_leaf(x: Any) -> bool:
+    return _is_placeholder(x) or _is_variable(x)
+
+
 def _is_placeholder(x: Any) -> bool:
     # Holes left by jf.split (None) and optax.masked (MaskedNode): they carry a
     # path but no array, so patterns may match them without being "typos".
@@ -60,7 +73,7 @@ class _Flat:
 
     @classmethod
     def of(cls, tree: Any) -> "_Flat":
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_placeholder)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_flat_leaf)
         entries, holes = [], []
         for p, x in flat:
             if _is_placeholder(x):
