@@ -1,0 +1,122 @@
+"""The benchmark scripts run, and their deterministic numbers hold (never their timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import measure  # noqa: E402
+from benchmarks.models import Sizes, ideal_matmul_flops  # noqa: E402
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Runs both scripts with --quick, side by side, and loads their JSON rows."""
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # LLVM's optimization level changes neither the HLO nor its FLOPs; at 0 compiling is faster.
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--json", str(out / f"{name}.json")],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name in ("probe_step", "population")
+    }
+    rows = {}
+    for name, p in procs.items():
+        text, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, text
+        assert "variant" in text  # the printed table
+        rows[name] = json.loads((out / f"{name}.json").read_text())
+    return rows
+
+
+def by_variant(rows):
+    groups: dict = {}
+    for r in rows:
+        key = (r["batch"], r["seq"], r["d_model"], r["layers"], r["frozen_layers"], r["models"])
+        groups.setdefault(key, {})[r["variant"]] = r
+    return groups
+
+
+REQUIRED = {"variant", "gflops", "matmul_gflops", "ideal_gflops", "step_ms_median", "step_ms_min",
+            "opt_state_bytes", "temp_bytes", "batch", "seq", "d_model", "layers", "heads"}
+
+
+def test_probe_step_rows(results):
+    for rows in by_variant(results["probe_step"]).values():
+        assert set(rows) == {"full", "optax_multi_transform", "optax_multi_transform_gradnorm",
+                             "jf_freeze", "jf_split"}
+        for r in rows.values():
+            assert REQUIRED <= set(r), REQUIRED - set(r)
+
+
+def test_probe_step_frozen_compute_is_gone(results):
+    for rows in by_variant(results["probe_step"]).values():
+        ideal = rows["full"]["ideal_gflops"]
+        for name in ("jf_freeze", "jf_split", "optax_multi_transform"):
+            # XLA may strength-reduce the final (n, 1) matmul: a hair under the ideal.
+            assert 0.99 * ideal <= rows[name]["matmul_gflops"] <= 1.01 * ideal, name
+        jf = rows["jf_split"]["matmul_gflops"]
+        assert rows["full"]["matmul_gflops"] > 1.1 * jf
+        # Logging the norm of all gradients brings the frozen weight gradients back ...
+        assert rows["optax_multi_transform_gradnorm"]["matmul_gflops"] > 1.1 * jf
+        # ... while jf_split logs the norm of the gradients it has, at the ideal cost.
+        assert rows["jf_split"]["logs_grad_norm"]
+        full = rows["full"]
+        assert full["matmul_gflops"] == pytest.approx(full["ideal_full_finetune_gflops"], rel=0.01)
+
+
+def test_probe_step_optimizer_state_is_trainable_only(results):
+    for rows in by_variant(results["probe_step"]).values():
+        for r in rows.values():
+            assert r["opt_state_bytes"] == r["opt_state_expected_bytes"], r["variant"]
+        assert rows["jf_freeze"]["opt_state_bytes"] < rows["full"]["opt_state_bytes"]
+
+
+def test_population_rows(results):
+    for rows in by_variant(results["population"]).values():
+        jf = rows["jf_vmap"]
+        assert REQUIRED <= set(jf), REQUIRED - set(jf)
+        assert jf["matmul_gflops"] <= 1.01 * jf["ideal_gflops"]
+        assert jf["models_probes_per_s"] > 0
+        torch_rows = {k: v for k, v in rows.items() if k.startswith("torch")}
+        assert bool(torch_rows) == HAVE_TORCH
+        for name, r in torch_rows.items():
+            # Same FLOPs (torch's FlopCounterMode) and, from the same weights, the same loss.
+            assert r["matmul_gflops"] == pytest.approx(r["ideal_gflops"], rel=1e-6), name
+            assert r["loss0"] == pytest.approx(jf["loss0"], rel=1e-5, abs=1e-6), name
+
+
+def test_hlo_matmul_flops_counts_dots_in_fusions_and_loops():
+    x, w = jnp.ones((8, 16)), jnp.ones((16, 4))
+    grads = jax.jit(jax.grad(lambda x, w: jnp.tanh(x @ w).sum(), argnums=(0, 1)))
+    text = grads.lower(x, w).compile().as_text()
+    assert measure.hlo_matmul_flops(text) == 3 * 2 * 8 * 16 * 4  # forward, dx, dw
+
+    def loop(x, ws):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
+
+    ws = jnp.ones((5, 16, 16))
+    text = jax.jit(loop).lower(jnp.ones((8, 16)), ws).compile().as_text()
+    assert measure.hlo_matmul_flops(text) == 5 * 2 * 8 * 16 * 16
+
+
+def test_ideal_counts_full_finetuning_as_three_passes_of_the_frozen_part():
+    s = Sizes(batch=4, seq=8, d_model=32, heads=2, layers=2, frozen_layers=2, d_noise=16, d_hidden=32)
+    frozen, full = ideal_matmul_flops(s), ideal_matmul_flops(s, all_trainable=True)
+    assert 1.3 < full / frozen < 1.5
+    assert ideal_matmul_flops(s, frozen_models=3) > 2.9 * frozen
