@@ -19,3 +19,16 @@ def test_opening_example_runs_and_matches_printed_table():
         exec(compile(code, "README.md", "exec"), {})
     shown = _blocks("text")[0].strip()
     assert out.getvalue().strip() == shown
+
+
+def test_flax_snippet_runs():
+    code = next(b for b in _blocks("python") if "class Classifier" in b)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    import jax
+
+    import jfreeze as jf
+
+    paths = [jf.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(scope["optimizer"].opt_state)[0]]
+    assert any("head" in p for p in paths)
+    assert not any("backbone" in p for p in paths)  # optimizer state for the head only
