@@ -6,10 +6,10 @@ import dataclasses
 from collections.abc import Hashable, Mapping
 from typing import Any
 
-from jfreeze.paths import describe_paths
-from jfreeze.selectors import FrozenSpec, Selector, _Flat, as_selector
+from jfreeze.paths import broadcast_prefix, describe_paths
+from jfreeze.selectors import FrozenSpec, Selector, _Flat, _is_placeholder, as_selector
 
-__all__ = ["labels", "Labels"]
+__all__ = ["labels", "Labels", "resolve_labels"]
 
 _NO_DEFAULT = object()
 
@@ -77,3 +77,34 @@ def labels(rules: Mapping[Hashable, FrozenSpec], *, default: Hashable = _NO_DEFA
         if label is None:
             raise TypeError("jf.labels: None is not a label (JAX reads None as an empty subtree)")
     return Labels(tuple((k, as_selector(v)) for k, v in rules.items()), default)
+
+
+def resolve_labels(
+    labels: Any, tree: Any, known: Mapping, *, who: str, noun: str, hint: str = ""
+) -> tuple[Any, dict]:
+    """The full label tree for ``tree``, and which paths carry each label.
+
+    ``labels`` is a label tree (or a prefix of ``tree``) or a function of the
+    tree. A label not in ``known`` is a ``ValueError`` naming the label and the
+    paths carrying it; it is checked first, as the likely typo.
+
+    >>> resolve_labels({"a": "x", "b": "y"}, {"a": 1.0, "b": [2.0, 3.0]}, {"x": 0, "y": 0},
+    ...                who="demo", noun="entry")
+    ({'a': 'x', 'b': ['y', 'y']}, {'x': ['a'], 'y': ['b/0', 'b/1']})
+    """
+    spec = labels(tree) if callable(labels) else labels
+    flat = _Flat.of(tree)
+    values = broadcast_prefix(spec, tree, what="label tree", is_hole=_is_placeholder)
+    carriers: dict[Any, list[str]] = {}
+    for (path, _), label in zip(flat.entries, values):
+        try:
+            carriers.setdefault(label, []).append(path)
+        except TypeError:
+            raise TypeError(f"the label at path {path!r} is not hashable: {label!r}") from None
+    for label, where_ in carriers.items():
+        if label not in known:
+            raise ValueError(
+                f"{who}: label {label!r} has no {noun}; it is carried by "
+                f"{describe_paths(where_)}. Known labels: {', '.join(map(repr, known))}.{hint}"
+            )
+    return flat.unflatten(values), carriers

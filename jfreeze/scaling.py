@@ -11,9 +11,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import optax
 
-from jfreeze.labels import Labels, labels as make_labels
-from jfreeze.paths import broadcast_prefix, closest, describe_paths
-from jfreeze.selectors import FrozenSpec, Selector, _Flat, _is_placeholder
+from jfreeze.labels import Labels, labels as make_labels, resolve_labels
+from jfreeze.paths import closest, describe_paths
+from jfreeze.selectors import FrozenSpec, Selector, _Flat
 
 __all__ = ["scale_by_label", "layerwise_decay", "LayerwiseDecay"]
 
@@ -78,23 +78,11 @@ def scale_by_label(
     mults = {k: _check_multiplier(k, v) for k, v in multipliers.items()}
 
     def make(tree):
-        spec = labels(tree) if callable(labels) else labels
-        flat = _Flat.of(tree)
-        values = broadcast_prefix(spec, tree, what="label tree", is_hole=_is_placeholder)
-        carriers: dict[Any, list[str]] = {}
-        for (path, _), label in zip(flat.entries, values):
-            try:
-                carriers.setdefault(label, []).append(path)
-            except TypeError:
-                raise TypeError(f"the label at path {path!r} is not hashable: {label!r}") from None
-        for label, where_ in carriers.items():
-            if label not in mults:
-                raise ValueError(
-                    f"jf.scale_by_label: label {label!r} has no multiplier; it is carried by "
-                    f"{describe_paths(where_)}. Known labels: {', '.join(map(repr, mults))}."
-                )
+        tree_labels, carriers = resolve_labels(
+            labels, tree, mults, who="jf.scale_by_label", noun="multiplier"
+        )
         txs = {k: optax.scale(mults[k]) for k in carriers}
-        return optax.partition(txs, flat.unflatten(values))
+        return optax.partition(txs, tree_labels)
 
     def init_fn(params):
         return make(params).init(params)

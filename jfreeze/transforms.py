@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jfreeze.paths import broadcast_prefix, describe_paths
-from jfreeze.selectors import FrozenSpec, Mask, _Flat, _is_placeholder, as_selector, compact
+from jfreeze.labels import resolve_labels
+from jfreeze.selectors import FrozenSpec, Mask, _Flat, as_selector, compact
 
 __all__ = ["freeze", "partition"]
 
@@ -113,30 +113,17 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
 
 def _label_tree(labels: Any, tree: Any, transforms: Mapping) -> Any:
     """Full label tree for ``tree``, checked against ``transforms``."""
-    spec = labels(tree) if callable(labels) else labels
-    flat = _Flat.of(tree)
-    values = broadcast_prefix(spec, tree, what="label tree", is_hole=_is_placeholder)
-    carriers: dict[Any, list[str]] = {}
-    for (path, _), label in zip(flat.entries, values):
-        try:
-            carriers.setdefault(label, []).append(path)
-        except TypeError:
-            raise TypeError(f"the label at path {path!r} is not hashable: {label!r}") from None
-    # An unknown label is reported before anything else: it is the likely typo.
-    for label, where_ in carriers.items():
-        if label not in transforms:
-            raise ValueError(
-                f"jf.partition: label {label!r} has no transform; it is carried by "
-                f"{describe_paths(where_)}. Known labels: {', '.join(map(repr, transforms))}. "
-                "Map it to None to freeze those leaves."
-            )
+    tree_labels, carriers = resolve_labels(
+        labels, tree, transforms, who="jf.partition", noun="transform",
+        hint=" Map it to None to freeze those leaves.",
+    )
     unused = [k for k in transforms if k not in carriers]
     if unused:
         raise ValueError(
             f"jf.partition: the transforms for {', '.join(map(repr, unused))} are used "
             f"by no leaf; labels present: {', '.join(map(repr, carriers))}."
         )
-    return flat.unflatten(values)
+    return tree_labels
 
 
 def partition(
