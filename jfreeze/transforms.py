@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jfreeze.labels import resolve_labels
+from jfreeze.paths import describe_paths
 from jfreeze.selectors import FrozenSpec, Mask, _Flat, as_selector, compact
 
 __all__ = ["freeze", "partition"]
@@ -105,7 +106,16 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
     def update_fn(updates, state, params=None, **extra_args):
         flat, masks = sel.masks(updates)
         updates = _zero_elements(updates, masks)
-        updates, state = _routed(inner, masks, flat).update(updates, state, params, **extra_args)
+        try:
+            updates, state = _routed(inner, masks, flat).update(updates, state, params, **extra_args)
+        except ValueError as e:
+            if not flat.holes:
+                raise
+            raise ValueError(
+                f"jf.freeze: the updates have no leaf at {describe_paths(flat.holes)} (None, e.g. "
+                "the trainable half of jf.split), but the optimizer state does not match that tree. "
+                "Build the state from the tree you update, tx.init(trainable), or pass full updates."
+            ) from e
         return _zero_elements(updates, masks), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

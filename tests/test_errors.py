@@ -231,3 +231,14 @@ def test_freeze_with_a_non_transform(inner):
         jf.freeze(inner, frozen=jf.nothing)
     with pytest.raises(TypeError, match="transform 'a'"):
         jf.partition({"a": inner}, {"x": "a"})
+
+
+def test_split_updates_against_state_built_from_full_params():
+    params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    tx = jf.freeze(optax.adam(1e-2), frozen=jf.paths("a"))
+    trainable, _ = jf.split(params, frozen=jf.paths("a"))
+    with pytest.raises(ValueError, match=r"no leaf at 'a'.*tx.init\(trainable\)"):
+        tx.update(trainable, tx.init(params), trainable)
+    # Built from the trainable half, the same update works and leaves no hole behind.
+    updates, _ = tx.update(trainable, tx.init(trainable), trainable)
+    assert updates["a"] is None and updates["b"].shape == (2,)
