@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from sklearn.datasets import load_digits
 
 import jfreeze as jf
+from digits_tasks import tasks
 
 FROZEN = jf.paths("backbone/**")
 
@@ -52,20 +52,6 @@ class Classifier(nnx.Module):
 
     def __call__(self, x):
         return self.head(self.backbone(x))
-
-
-def tasks(seed: int = 0):
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, keep, offset in (("A", y < 5, 0), ("B", y >= 5, 5)):
-        idx = rng.permutation(np.flatnonzero(keep))
-        n_test = len(idx) // 4
-        test, train = idx[:n_test], idx[n_test:]
-        out[name] = dict(x_train=x[train], y_train=y[train] - offset, x_test=x[test], y_test=y[test] - offset)
-    return out
 
 
 def make_step(wrt):
