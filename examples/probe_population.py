@@ -55,12 +55,14 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
     queries: int = 16  # soft input sequences per model
-    query_len: int = 24  # their length (longer than any training length)
+    query_len: int = 32  # the longest query (longer than any training length)
+    min_query_len: int = 16  # query k has a length spread evenly in [min_query_len, query_len]
     d_noise: int = 16
-    hidden: int = 64
-    steps: int = 600
+    hidden: int = 32
+    steps: int = 300
     batch_models: int = 32  # frozen models per step (a multiple of --devices)
     lr: float = 3e-3
+    weight_decay: float = 1e-2
     eval_draws: int = 8  # noise draws averaged at evaluation
     seed: int = 0
 
@@ -98,8 +100,9 @@ def soft_queries(gen: dict, z, L: int, n_lits: int, vocab: int):
 def probe_logit(probe: dict, model: dict, z, cfg: sz.ZooConfig, pc: ProbeConfig):
     """One frozen model in, one "is a generaliser" logit out (vmap over models)."""
     x = soft_queries(probe["gen"], z, pc.query_len, 2 * cfg.n_vars, cfg.vocab)
-    mask = jnp.ones(pc.query_len, bool)
-    answers = jax.vmap(lambda xi: sz.forward(model, xi, mask, cfg.n_heads))(x)  # (K,)
+    lens = np.linspace(pc.min_query_len, pc.query_len, pc.queries).round()
+    mask = np.arange(pc.query_len)[None, :] < lens[:, None]  # (K, L), static
+    answers = jax.vmap(lambda xi, mi: sz.forward(model, xi, mi, cfg.n_heads))(x, mask)  # (K,)
     feats = jnp.concatenate([jnp.tanh(answers / 4), jax.nn.sigmoid(answers)])
     h = jax.nn.gelu(feats @ probe["head"]["w1"] + probe["head"]["b1"])
     return (h @ probe["head"]["w2"] + probe["head"]["b2"])[0]
@@ -201,7 +204,7 @@ def train_probe(zoo_params, labels, cfg: sz.ZooConfig, pc: ProbeConfig, *, devic
     zoo_params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), zoo_params)
     rows, row_labels = as_rows(zoo_params, labels, S)
     probe = init_probe(jax.random.key(pc.seed), pc, 2 * cfg.n_vars)
-    tx = optax.adam(pc.lr)
+    tx = optax.adamw(pc.lr, weight_decay=pc.weight_decay)
     opt_state = tx.init(probe)
 
     mesh = None
@@ -323,21 +326,27 @@ def parse_args(argv=None):
     z.add_argument("--zoo-steps", type=int, default=None, help="training steps of every model")
     z.add_argument("--d-model", type=int, default=16)
     z.add_argument("--heads", type=int, default=2)
-    z.add_argument("--layers", type=int, default=2)
+    z.add_argument("--layers", type=int, default=None, help="transformer layers (default 2; quick 1)")
     z.add_argument("--d-mlp", type=int, default=32)
-    z.add_argument("--threshold", type=float, default=0.8,
-                   help="generaliser: accuracy on long sequences at least this")
+    z.add_argument("--threshold", type=float, default=None,
+                   help="generaliser: accuracy on long sequences at least this "
+                        "(default 0.8; quick: the zoo's median, so both classes exist)")
     z.add_argument("--min-train-acc", type=float, default=None,
                    help="models below this accuracy at training lengths are left out "
                         "(default 0.9; quick 0)")
     z.add_argument("--cache-dir", type=Path, default=ROOT / "out" / "zoo")
     q = p.add_argument_group("probe")
     q.add_argument("--steps", type=int, default=None, help="probe training steps")
-    q.add_argument("--queries", type=int, default=16)
-    q.add_argument("--query-len", type=int, default=24)
-    q.add_argument("--batch-models", type=int, default=32, help="frozen models per step")
+    q.add_argument("--queries", type=int, default=None, help="queries per model (default 16; quick 8)")
+    q.add_argument("--query-len", type=int, default=32, help="longest query")
+    q.add_argument("--min-query-len", type=int, default=16, help="shortest query")
+    q.add_argument("--batch-models", type=int, default=None,
+                   help="frozen models per step, a multiple of --devices (default 32; quick 8)")
     q.add_argument("--lr", type=float, default=3e-3)
-    q.add_argument("--test-frac", type=float, default=0.3)
+    q.add_argument("--test-frac", type=float, default=0.3, help="held-out share (one split)")
+    q.add_argument("--folds", type=int, default=None,
+                   help="K > 1: K-fold cross-validation over the zoo (default 4); "
+                        "1: one split of --test-frac (quick)")
     q.add_argument("--bf16", action="store_true", help="frozen models in bfloat16")
     q.add_argument("--devices", type=int, default=1,
                    help="shard the frozen models over this many devices (a 'models' mesh axis)")
@@ -350,14 +359,15 @@ def parse_args(argv=None):
 def configs(args) -> tuple[sz.ZooConfig, ProbeConfig]:
     quick = args.quick
     cfg = sz.ZooConfig(
-        models=args.models or (36 if quick else 288),
-        steps=args.zoo_steps or (150 if quick else 400),
-        d_model=args.d_model, n_heads=args.heads, n_layers=args.layers, d_mlp=args.d_mlp,
-        seed=args.seed,
+        models=args.models or (24 if quick else 288),
+        steps=args.zoo_steps or (80 if quick else 400),
+        d_model=args.d_model, n_heads=args.heads, n_layers=args.layers or (1 if quick else 2),
+        d_mlp=args.d_mlp, eval_batch=128 if quick else 512, seed=args.seed,
     )
     pc = ProbeConfig(
-        queries=args.queries, query_len=args.query_len, batch_models=args.batch_models,
-        steps=args.steps or (40 if quick else 600), lr=args.lr, seed=args.seed,
+        queries=args.queries or (8 if quick else 16), query_len=args.query_len,
+        min_query_len=args.min_query_len, batch_models=args.batch_models or (8 if quick else 32),
+        steps=args.steps or (20 if quick else 300), lr=args.lr, seed=args.seed,
         eval_draws=2 if quick else 8,
     )
     return cfg, pc
@@ -376,11 +386,22 @@ def split_models(n: int, test_frac: float, seed: int, labels) -> tuple[np.ndarra
     return train, test
 
 
+def make_splits(labels, folds: int, test_frac: float, seed: int) -> list:
+    """``[(train, test)]``: one stratified split, or ``folds``-fold stratified CV."""
+    if folds <= 1:
+        return [split_models(len(labels), test_frac, seed, labels)]
+    from sklearn.model_selection import StratifiedKFold
+
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(cv.split(np.zeros(len(labels)), labels))
+
+
 def take(tree, idx):
     return jax.tree.map(lambda x: np.asarray(x)[idx], tree)
 
 
-def plot(path: Path, curves: dict, scores: dict, test_acc, threshold: float, kept) -> None:
+def plot(path: Path, curves: dict, scores: dict, test_acc, threshold: float, kept,
+         spread: dict | None = None, n_folds: int = 1) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,24 +422,25 @@ def plot(path: Path, curves: dict, scores: dict, test_acc, threshold: float, kep
     h1, l1 = ax[0].get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax[0].legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
-    ax[0].set_title("probe learning curves")
+    ax[0].set_title("probe learning curves" + (f" (mean of {n_folds} folds)" if n_folds > 1 else ""))
 
     names = list(scores)
     x = np.arange(len(names))
-    ax[1].bar(x - 0.2, [scores[n]["acc"] for n in names], 0.4, label="accuracy")
-    ax[1].bar(x + 0.2, [scores[n]["auc"] for n in names], 0.4, label="ROC-AUC")
+    err = {m: [spread[n][m] for n in names] if spread else None for m in ("acc", "auc")}
+    ax[1].bar(x - 0.2, [scores[n]["acc"] for n in names], 0.4, yerr=err["acc"], label="accuracy")
+    ax[1].bar(x + 0.2, [scores[n]["auc"] for n in names], 0.4, yerr=err["auc"], label="ROC-AUC")
     for i, n in enumerate(names):
         for dx, k in ((-0.2, "acc"), (0.2, "auc")):
-            ax[1].text(i + dx, scores[n][k] + 0.01, f"{scores[n][k]:.2f}", ha="center", fontsize=7)
+            ax[1].text(i + dx + 0.03, scores[n][k] + 0.01, f"{scores[n][k]:.2f}", ha="center", fontsize=7)
     ax[1].set_xticks(x, names, fontsize=8)
     ax[1].set_ylim(0, 1.1)
     ax[1].axhline(0.5, color="k", lw=0.5)
     ax[1].legend(fontsize=7, loc="lower right")
-    ax[1].set_title("held-out models")
+    ax[1].set_title("held-out models" + (f" ({n_folds}-fold CV, ± std)" if n_folds > 1 else ""))
 
     bins = np.linspace(0.4, 1.0, 25)
     ax[2].hist(np.asarray(test_acc)[kept], bins=bins, color="tab:green", alpha=0.8)
-    ax[2].axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold}")
+    ax[2].axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.2f}")
     ax[2].set_xlabel("zoo model accuracy on long sequences")
     ax[2].set_ylabel("models")
     ax[2].legend(fontsize=7)
@@ -433,6 +455,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     t_start = time.time()
     cfg, pc = configs(args)
+    if args.folds is None:
+        args.folds = 1 if args.quick else 4
     if args.min_train_acc is None:
         args.min_train_acc = 0.0 if args.quick else 0.9
     if jax.device_count() < args.devices:
@@ -449,6 +473,8 @@ def main(argv=None) -> dict:
     print(f"zoo: {'loaded from cache' if cached else 'trained and cached'} "
           f"({args.cache_dir / ('zoo-' + cfg.key() + '.npz')}) in {zoo_seconds:.1f}s")
     kept = zoo["train_acc"] >= args.min_train_acc
+    if args.threshold is None:
+        args.threshold = float(np.median(zoo["test_acc"][kept])) if args.quick else 0.8
     labels_all = (zoo["test_acc"] >= args.threshold).astype(np.int32)
     idx = np.flatnonzero(kept)
     labels = labels_all[idx]
@@ -456,65 +482,89 @@ def main(argv=None) -> dict:
     n_gen = int(labels.sum())
     print(f"zoo: {kept.sum()} of {cfg.models} models learned the task (train acc >= "
           f"{args.min_train_acc}); {n_gen} generalisers / {len(labels) - n_gen} not "
-          f"(acc >= {args.threshold} on lengths {cfg.test_len[0]}-{cfg.test_len[1]}, "
+          f"(acc >= {args.threshold:.2f} on lengths {cfg.test_len[0]}-{cfg.test_len[1]}, "
           f"trained on <= {max(cfg.train_lens)})")
-    by_kind = {k: f"{labels[zoo['settings']['pos_kind'][idx] == i].mean():.2f}"
-               for i, k in enumerate(sz.POS_KINDS)}
+    kinds = zoo["settings"]["pos_kind"][idx]
+    by_kind = {k: f"{labels[kinds == i].mean():.2f}" for i, k in enumerate(sz.POS_KINDS)
+               if (kinds == i).any()}
     print(f"zoo: generaliser fraction by positional table: {by_kind}")
 
-    tr, te = split_models(len(labels), args.test_frac, args.seed, labels)
+    splits = make_splits(labels, args.folds, args.test_frac, args.seed)
     one_model = take(params, 0)
 
-    # 2. The probe.
+    # 2. The probe, and 3. held-out models (once per fold with --folds K).
     probe0 = init_probe(jax.random.key(0), pc, 2 * cfg.n_vars)
     print(jf.summary({"probe": probe0, "frozen_model": one_model},
                      frozen=jf.paths("frozen_model/**")))
-    out = train_probe(
-        take(params, tr), labels[tr], cfg, pc, devices=args.devices, bf16=args.bf16,
-        eval_sets={"train": (take(params, tr), labels[tr]), "test": (take(params, te), labels[te])},
-        eval_every=max(10, pc.steps // 20),
-    )
-    f = out["flops"]
-    print(f"compiled FLOPs per step: probe only {f['probe_step']:.3g}; the same step also "
-          f"differentiating the frozen models {f['with_frozen_grads']:.3g} "
-          f"({f['with_frozen_grads'] / f['probe_step']:.2f}x): no frozen weight gradients "
-          "are computed, and the optimizer state holds the probe only "
-          f"({sum(x.size for x in jax.tree.leaves(optax.adam(1.0).init(probe0)))} numbers).")
-
-    # 3. Held-out models.
-    logits = np.asarray(out["predict"](jax.tree.map(jnp.asarray, out["probe"]),
-                                       jax.tree.map(lambda x: jnp.asarray(x, out["dtype"]),
-                                                    take(params, te)),
-                                       jax.random.key(10_000)))
-    y_te = labels[te]
-    majority = int(labels[tr].mean() >= 0.5)
-    scores = {
-        "majority": {"acc": float((y_te == majority).mean()), "auc": 0.5},
-        "weight stats": weight_stats_baseline(take(params, tr), labels[tr], take(params, te), y_te),
-        "probe": {"acc": float(((logits > 0) == y_te).mean()), "auc": roc_auc(y_te, logits)},
-    }
+    folds, curves, probe_seconds = [], [], 0.0
+    for k, (tr, te) in enumerate(splits):
+        if len(splits) > 1:
+            print(f"fold {k + 1}/{len(splits)}: {len(tr)} training models, {len(te)} held out")
+        out = train_probe(
+            take(params, tr), labels[tr], cfg, pc, devices=args.devices, bf16=args.bf16,
+            eval_sets={"train": (take(params, tr), labels[tr]),
+                       "test": (take(params, te), labels[te])},
+            eval_every=max(10, pc.steps // 20), flops_check=k == 0,
+        )
+        probe_seconds += out["train_seconds"]
+        curves.append(out["curves"])
+        if k == 0:
+            f = out["flops"]
+            print(f"compiled FLOPs per step: probe only {f['probe_step']:.3g}; the same step also "
+                  f"differentiating the frozen models {f['with_frozen_grads']:.3g} "
+                  f"({f['with_frozen_grads'] / f['probe_step']:.2f}x): no frozen weight gradients "
+                  "are computed, and the optimizer state holds the probe only "
+                  f"({sum(x.size for x in jax.tree.leaves(optax.adam(1.0).init(probe0)))} "
+                  "numbers).")
+        dtype = out["dtype"]
+        logits = np.asarray(out["predict"](
+            jax.tree.map(jnp.asarray, out["probe"]),
+            jax.tree.map(lambda x: jnp.asarray(x, dtype), take(params, te)),
+            jax.random.key(10_000)))
+        y_te = labels[te]
+        majority = int(labels[tr].mean() >= 0.5)
+        folds.append({
+            "majority": {"acc": float((y_te == majority).mean()), "auc": 0.5},
+            "weight stats": weight_stats_baseline(take(params, tr), labels[tr],
+                                                  take(params, te), y_te),
+            "probe": {"acc": float(((logits > 0) == y_te).mean()), "auc": roc_auc(y_te, logits)},
+        })
+    scores = {name: {m: float(np.mean([fd[name][m] for fd in folds])) for m in ("acc", "auc")}
+              for name in folds[0]}
+    spread = {name: {m: float(np.std([fd[name][m] for fd in folds])) for m in ("acc", "auc")}
+              for name in folds[0]}
+    mean_curves = {key: np.mean([c[key] for c in curves], axis=0).tolist() for key in curves[0]}
     args.out.mkdir(parents=True, exist_ok=True)
     plot_path = args.out / "probe_population.png"
-    plot(plot_path, out["curves"], scores, zoo["test_acc"], args.threshold, kept)
+    plot(plot_path, mean_curves, scores, zoo["test_acc"], args.threshold, kept,
+         spread if len(folds) > 1 else None, len(folds))
     total = time.time() - t_start
+    n_te = [len(te) for _, te in splits]
     summary = {
         "zoo_models": int(cfg.models), "kept": int(kept.sum()), "generalisers": n_gen,
-        "train_models": int(len(tr)), "test_models": int(len(te)),
-        "test_generalisers": int(y_te.sum()), "scores": scores,
+        "threshold": args.threshold, "folds": len(folds), "test_models": n_te,
+        "scores": scores, "std_over_folds": spread, "per_fold": folds,
         "flops": f, "zoo_seconds": zoo_seconds, "zoo_cached": cached,
-        "probe_seconds": out["train_seconds"], "total_seconds": total,
+        "probe_seconds": probe_seconds, "total_seconds": total,
         "devices": args.devices, "bf16": bool(args.bf16),
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     print()
-    print(f"held-out models: {len(te)} ({int(y_te.sum())} generalisers); "
-          f"trained on {len(tr)} ({int(labels[tr].sum())} generalisers)")
-    print(f"{'':14s} {'accuracy':>9s} {'ROC-AUC':>8s}")
-    for name, s in scores.items():
-        print(f"{name:14s} {s['acc']:9.3f} {s['auc']:8.3f}")
+    if len(folds) == 1:
+        tr, te = splits[0]
+        print(f"held-out models: {len(te)} ({int(labels[te].sum())} generalisers); "
+              f"probe trained on {len(tr)} ({int(labels[tr].sum())} generalisers)")
+    else:
+        print(f"held-out models: {len(folds)}-fold cross-validation over {len(labels)} models "
+              f"(mean ± std over folds)")
+    print(f"{'':14s} {'accuracy':>13s} {'ROC-AUC':>13s}")
+    for name, sc in scores.items():
+        cells = [f"{sc[m]:.3f}" + (f" ± {spread[name][m]:.3f}" if len(folds) > 1 else "")
+                 for m in ("acc", "auc")]
+        print(f"{name:14s} {cells[0]:>13s} {cells[1]:>13s}")
     print(f"zoo: {zoo_seconds:.0f}s ({'cached' if cached else 'trained'}), probe: "
-          f"{out['train_seconds']:.0f}s, total {total:.0f}s; plot: {plot_path}")
+          f"{probe_seconds:.0f}s, total {total:.0f}s; plot: {plot_path}")
     return summary
 
 

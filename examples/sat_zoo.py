@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 POS_KINDS = ("none", "sinusoidal", "learned")
+ZOO_VERSION = 2  # bump when a change would make cached zoos stale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,9 @@ class ZooConfig:
         return 2 * self.n_vars
 
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        """Cache key: a hash of the config (and of the zoo format version)."""
+        blob = json.dumps({**dataclasses.asdict(self), "_version": ZOO_VERSION},
+                          sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -204,12 +207,12 @@ def batched_logits(params, tokens, mask, cfg: ZooConfig):
 
 def zoo_settings(cfg: ZooConfig) -> dict[str, np.ndarray]:
     """Per-model settings (data, not architecture): a balanced grid, cycled."""
-    grid = [
+    grid = [  # positional kind varies fastest, so a small zoo still has every kind
         (p, t, lr, wd)
-        for p in range(len(POS_KINDS))
         for t in cfg.train_lens
         for lr in cfg.lrs
         for wd in cfg.wds
+        for p in range(len(POS_KINDS))
     ]
     rows = [grid[i % len(grid)] for i in range(cfg.models)]
     return {

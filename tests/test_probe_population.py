@@ -71,7 +71,8 @@ SHARDED = textwrap.dedent("""
     import probe_population as pp, sat_zoo as sz
     assert jax.device_count() == 8
     cfg = sz.ZooConfig(models=16, d_model=8, n_heads=2, d_mlp=8, n_layers=1, max_len=8)
-    pc = pp.ProbeConfig(queries=4, query_len=8, d_noise=4, hidden=8, steps=3, batch_models=8)
+    pc = pp.ProbeConfig(queries=4, query_len=8, min_query_len=4, d_noise=4, hidden=8,
+                        steps=3, batch_models=8)
     params = jax.vmap(lambda k, p: sz.init_model(k, cfg, p))(
         jax.random.split(jax.random.key(0), 16), np.arange(16) % 3)
     labels = np.arange(16) % 2
