@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 import jfreeze as jf
+import claims
 from digits_tasks import tasks
 
 FROZEN = jf.paths("backbone/**")
@@ -143,11 +144,7 @@ def main(argv=None) -> int:
     if not acc_a > threshold:
         failures.append(f"task-A accuracy {acc_a:.3f} not above {threshold}")
 
-    if failures:
-        print("FAILED claims:", "; ".join(failures), file=sys.stderr)
-        return 1
-    print("all claims checked")
-    return 0
+    return claims.report(failures)
 
 
 if __name__ == "__main__":

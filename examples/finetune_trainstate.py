@@ -33,6 +33,7 @@ import optax
 from flax.training import train_state
 
 import jfreeze as jf
+import claims
 from digits_tasks import tasks
 
 FROZEN = jf.paths("backbone/**")
@@ -156,11 +157,7 @@ def main(argv=None) -> int:
     if not acc_a > threshold:
         failures.append(f"task-A accuracy {acc_a:.3f} not above {threshold}")
 
-    if failures:
-        print("FAILED claims:", "; ".join(failures), file=sys.stderr)
-        return 1
-    print("all claims checked")
-    return 0
+    return claims.report(failures)
 
 
 if __name__ == "__main__":

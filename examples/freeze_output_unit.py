@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 import jfreeze as jf
+import claims
 
 #: The weights into output unit 0: kernel column 0 and bias 0.
 UNIT0 = jf.elements("out/kernel", np.s_[:, 0]) | jf.elements("out/bias", np.s_[0])
@@ -120,11 +121,7 @@ def main(argv=None) -> int:
     print(f"with `hidden/**` frozen too: unit 0's output bit-for-bit {'kept' if kept else 'MOVED'}")
     check(kept, "unit 0 output kept with hidden frozen")
 
-    if failures:
-        print("FAILED claims:", "; ".join(failures), file=sys.stderr)
-        return 1
-    print("all claims checked")
-    return 0
+    return claims.report(failures)
 
 
 if __name__ == "__main__":

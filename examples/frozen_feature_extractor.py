@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 import jfreeze as jf
+import claims
 
 DEPTH = 6
 
@@ -206,11 +207,7 @@ def main(argv=None) -> int:
         print("  ".join(c.ljust(n) for c, n in zip(r, w)))
     print(f"\n(batch {batch}, width {width}, {steps} adam steps; ideal = matmuls only: forward,"
           " weight gradients of trained layers, input gradients below a trained layer)")
-    if failures:
-        print("FAILED claims:", "; ".join(failures), file=sys.stderr)
-        return 1
-    print("all claims checked")
-    return 0
+    return claims.report(failures)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 import jfreeze as jf
+import claims
 from digits_tasks import tasks
 
 WIDTH, DEPTH, CLASSES = 64, 3, 5
@@ -198,11 +199,7 @@ def main(argv=None) -> int:
     claim(not trap.ok and trap.leaking_outputs == ("2/grad_norm",),
           f"logging the norm of all gradients is flagged ({trap.ratio:.2f}x the FLOPs)")
 
-    if failures:
-        print("FAILED claims:", "; ".join(failures), file=sys.stderr)
-        return 1
-    print("all claims checked")
-    return 0
+    return claims.report(failures)
 
 
 if __name__ == "__main__":

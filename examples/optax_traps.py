@@ -20,6 +20,7 @@ import optax
 from flax import traverse_util
 
 import jfreeze as jf
+import claims
 
 
 def make_params(key):
@@ -149,11 +150,7 @@ def main(argv=None) -> int:
     print("-" * (sum(w) + 4))
     for r in rows:
         print(line(r))
-    if failures:
-        print("FAILED claims:", ", ".join(failures), file=sys.stderr)
-        return 1
-    print("\nall claims checked")
-    return 0
+    return claims.report(failures)
 
 
 if __name__ == "__main__":

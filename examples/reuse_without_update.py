@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 import jfreeze as jf
+import claims
 
 
 # --- pure function ---------------------------------------------------------------
@@ -146,11 +147,7 @@ def main(argv=None) -> int:
     if not loss1 < loss0:
         failures.append("loss did not fall")
 
-    if failures:
-        print("FAILED claims:", "; ".join(failures), file=sys.stderr)
-        return 1
-    print("all claims checked")
-    return 0
+    return claims.report(failures)
 
 
 if __name__ == "__main__":
