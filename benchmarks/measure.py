@@ -167,21 +167,27 @@ def hlo_matmul_flops(hlo_text: str) -> int:
 # A compiled step: FLOPs and memory.
 
 
-def compiled_stats(compiled) -> dict[str, Any]:
-    """``gflops`` (cost_analysis), ``matmul_gflops`` (HLO dots), memory_analysis bytes."""
+def compiled_stats(compiled, devices: int = 1) -> dict[str, Any]:
+    """``gflops`` (cost_analysis), ``matmul_gflops`` (HLO dots), memory_analysis bytes.
+
+    An SPMD program over ``devices`` devices is one per-device program (its HLO, cost and
+    memory analyses are per device, the same on each), so FLOPs and bytes are multiplied
+    by ``devices``: totals, comparable with a one-device step.
+    """
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
         cost = cost[0]
     mem = compiled.memory_analysis()
     text = compiled.as_text()
     return {
-        "gflops": float(cost.get("flops", float("nan"))) / 1e9,
-        "matmul_gflops": hlo_matmul_flops(text) / 1e9,
-        "temp_bytes": int(getattr(mem, "temp_size_in_bytes", -1)),
-        "argument_bytes": int(getattr(mem, "argument_size_in_bytes", -1)),
-        "output_bytes": int(getattr(mem, "output_size_in_bytes", -1)),
-        "alias_bytes": int(getattr(mem, "alias_size_in_bytes", -1)),
+        "gflops": devices * float(cost.get("flops", float("nan"))) / 1e9,
+        "matmul_gflops": devices * hlo_matmul_flops(text) / 1e9,
+        "temp_bytes": devices * int(getattr(mem, "temp_size_in_bytes", -1)),
+        "argument_bytes": devices * int(getattr(mem, "argument_size_in_bytes", -1)),
+        "output_bytes": devices * int(getattr(mem, "output_size_in_bytes", -1)),
+        "alias_bytes": devices * int(getattr(mem, "alias_size_in_bytes", -1)),
         "hlo_fusions": text.count(" fusion("),
+        "devices": devices,
     }
 
 
@@ -201,28 +207,33 @@ def time_interleaved(
     rounds: int,
     per_round: int,
     warmup: int = 2,
-) -> dict[str, list[float]]:
-    """Milliseconds per call of each step, measured in interleaved rounds.
+) -> dict[str, dict[str, list[float]]]:
+    """Wall-clock and process-CPU milliseconds per call of each step, interleaved.
 
     Each ``steps[name]()`` runs one step and blocks until its result is ready. After
     ``warmup`` calls of each, every round runs ``per_round`` timed calls of each
     variant in turn, so slow phases of a shared machine hit all variants alike.
+    CPU time is the whole process's (every thread), so CPU / wall is the number of
+    cores a step kept busy.
     """
     for fn in steps.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
             for _ in range(per_round):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name]["wall"].append((time.perf_counter() - t0) * 1e3)
+                times[name]["cpu"].append((time.process_time() - c0) * 1e3)
     return times
 
 
-def summarize_times(ms: Sequence[float]) -> dict[str, float]:
-    return {"step_ms_median": statistics.median(ms), "step_ms_min": min(ms), "timed_steps": len(ms)}
+def summarize_times(t: dict[str, Sequence[float]]) -> dict[str, float]:
+    """Medians and minimum of one variant's ``time_interleaved`` entry."""
+    return {"step_ms_median": statistics.median(t["wall"]), "step_ms_min": min(t["wall"]),
+            "cpu_ms_median": statistics.median(t["cpu"]), "timed_steps": len(t["wall"])}
 
 
 def block(tree: Any) -> Any:

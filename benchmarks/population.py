@@ -14,7 +14,9 @@ probe only. The same sizes, weights and FLOPs in each variant:
 
 * ``jf_vmap``: the parameters ``{"probe", "zoo"}`` are ``jf.split`` with
   ``frozen=jf.paths("zoo/**")``; the step differentiates the probe only and
-  ``jax.vmap``-s the transformer over the stacked frozen parameters, in one ``jax.jit``.
+  ``jax.vmap``-s the transformer over the stacked frozen parameters, in one ``jax.jit``;
+  the stacked models are split over one JAX CPU device per core (``jf.shard_stacked``),
+  the probe replicated, so the cores run independent shares of the population.
 * ``torch_loop``: K ``nn.Module``-s with ``requires_grad_(False)`` called in a Python loop.
 * ``torch_vmap``: ``torch.func.vmap`` over ``torch.func.functional_call`` with the K
   models' parameters stacked by ``torch.func.stack_module_state``.
@@ -22,9 +24,11 @@ probe only. The same sizes, weights and FLOPs in each variant:
   ``torch.compile``.
 
 ``--jax-extra`` adds other JAX formulations of the same step (see ``JAX_FORMULATIONS`` and
-``benchmarks/NOTES.md``). Threads are equalised: ``--threads N`` pins the process to N
-cores before JAX or torch start (XLA sizes its intra-op pool from the cores it may use)
-and sets ``torch.set_num_threads(N)``; by default both use every available core.
+``benchmarks/NOTES.md``). Cores are equalised: ``--threads N`` pins the process to N
+cores before JAX or torch start (XLA sizes its intra-op pool from the cores it may use),
+sets ``torch.set_num_threads(N)`` and gives JAX N CPU devices (``--devices`` overrides);
+by default both use every available core. The ``cores busy`` column is process CPU time
+over wall time per step.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class Formulation:
     flax: bool = False  # flax.linen modules instead of the plain functions
     remat: str = ""  # a jax.checkpoint_policies name applied to each frozen model's forward
     pretransposed: bool = False  # frozen kernels also stored transposed (models.with_transposed_kernels)
+    shard: bool = False  # split the K models over every JAX device (jf.shard_stacked, a "models" mesh)
 
 
 NO_YNN = (("xla_cpu_experimental_ynn_fusion_type", ""),)
@@ -79,11 +84,15 @@ NO_YNN = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 # as rows named `jax_<name>`. benchmarks/NOTES.md has what each one showed.
 JAX_FORMULATIONS = {
     "tuned": Formulation(
-        "vmap; custom-VJP LayerNorm; remat policy dots_saveable; XLA:CPU without YNNPACK fusions",
-        ln="custom_vjp", remat="dots_saveable", compiler_options=NO_YNN),
+        "vmap; custom-VJP LayerNorm; remat policy dots_saveable; XLA:CPU without YNNPACK fusions; "
+        "the models sharded over one CPU device per core", ln="custom_vjp", remat="dots_saveable",
+        compiler_options=NO_YNN, shard=True),
+    "tuned_1dev": Formulation(
+        "tuned, on one device (XLA's intra-op threads only)", ln="custom_vjp",
+        remat="dots_saveable", compiler_options=NO_YNN),
     "tuned_pretransposed": Formulation(
         "tuned; frozen kernels also stored transposed (2x frozen memory)", ln="custom_vjp",
-        remat="dots_saveable", compiler_options=NO_YNN, pretransposed=True),
+        remat="dots_saveable", compiler_options=NO_YNN, pretransposed=True, shard=True),
     "vmap": Formulation("jax.vmap of the plain transformer over the stacked frozen params"),
     "ln_custom_vjp": Formulation("vmap; custom-VJP LayerNorm", ln="custom_vjp"),
     "no_ynn": Formulation("vmap; XLA:CPU without YNNPACK fusions (Eigen dots)", compiler_options=NO_YNN),
@@ -101,7 +110,8 @@ JAX_FORMULATIONS = {
                         flax=True),
 }
 DEFAULT_FORMULATION = "tuned"
-DEFAULT_EXTRA = ("vmap", "tuned_pretransposed")  # the straightforward step, and tuned at 2x memory
+# The straightforward step; tuned on one device; tuned at 2x frozen memory.
+DEFAULT_EXTRA = ("vmap", "tuned_1dev", "tuned_pretransposed")
 
 PRESETS: dict[str, list[Sizes]] = {
     # batch = probes per frozen model, models = K. frozen_layers = layers: all frozen.
@@ -150,12 +160,21 @@ class JaxVariant:
     step: Any  # compiled (state, frozen, z, y) -> (state, loss); state donated
     state: Any
     frozen: Any
+    z: Any
+    y: Any
     loss0: float = float("nan")
     hlo: str = ""
 
-    def __call__(self, z, y):
-        self.state, loss = self.step(self.state, self.frozen, z, y)
+    def __call__(self):
+        self.state, loss = self.step(self.state, self.frozen, self.z, self.y)
         return measure.block(loss)
+
+
+def models_mesh(n: int):
+    """A 1-D mesh ``("models",)`` over the first ``n`` devices, with auto sharding propagation."""
+    auto = getattr(jax.sharding, "AxisType", None)
+    kw = {"axis_types": (auto.Auto,)} if auto is not None else {}
+    return jax.make_mesh((n,), ("models",), devices=jax.devices()[:n], **kw)
 
 
 def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, z, y,
@@ -191,6 +210,16 @@ def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, 
 
     adam = optax.adam(LR)
     params = {"probe": jax.tree.map(jnp.array, probe), "zoo": zoo}
+    # The most devices (up to all) that split the K models evenly.
+    devices = max(n for n in range(1, jax.device_count() + 1) if s.models % n == 0) if form.shard else 1
+    if devices > 1:
+        # Each device runs K / devices of the frozen models (and their probes' inputs);
+        # the probe is replicated, and jit all-reduces only its gradients.
+        mesh = models_mesh(devices)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params = {"probe": jax.device_put(params["probe"], replicated),
+                  "zoo": jf.shard_stacked(zoo, mesh)}
+        z, y = jf.shard_stacked((z, y), mesh)
     trainable, frozen = jf.split(params, frozen=jf.paths("zoo/**"))
 
     @functools.partial(jax.jit, donate_argnums=0)
@@ -205,11 +234,11 @@ def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, 
     options = dict(form.compiler_options) if jax.default_backend() == "cpu" else {}
     options.update(extra_options or {})
     compiled = step.lower(state, frozen, z, y).compile(compiler_options=options)
-    stats = measure.compiled_stats(compiled)
+    stats = measure.compiled_stats(compiled, devices=devices)
     stats["opt_state_bytes"] = measure.tree_bytes(state[1])
     stats["frozen_bytes"] = measure.tree_bytes(frozen)  # the stacked zoo the step reads
-    v = JaxVariant(name, compiled, state, frozen, hlo=compiled.as_text())
-    v.loss0 = float(v(z, y))  # the first step's loss: at the initial parameters
+    v = JaxVariant(name, compiled, state, frozen, z, y, hlo=compiled.as_text())
+    v.loss0 = float(v())  # the first step's loss: at the initial parameters
     return v, stats
 
 
@@ -248,12 +277,12 @@ def run_config(s: Sizes, *, dtype, variants, jax_extra, rounds, per_round, time_
         v, stats = make_jax_variant(name, form, probe, zoo, s, dtype, z, y)
         rows[name] = {"variant": name, "framework": "jax", "formulation": fname, **base, **stats,
                       "loss0": v.loss0}
-        steps[name] = functools.partial(v, z, y)
+        steps[name] = v
         if profile and jax.default_backend() == "cpu":
             pv, _ = make_jax_variant(name, form, probe, zoo, s, dtype, z, y, measure.PROFILE_OPTIONS)
             print(f"{name}: slowest XLA:CPU ops, median over steps (dots may finish asynchronously, "
                   "so their times are lower bounds; see benchmarks/NOTES.md)")
-            print(measure.profile_ops(pv.hlo, functools.partial(pv, z, y)) + "\n")
+            print(measure.profile_ops(pv.hlo, pv) + "\n")
 
     torch_variants = [v for v in variants if v.startswith("torch")]
     if torch_compile and "torch_vmap_compile" not in torch_variants:
@@ -271,6 +300,7 @@ def run_config(s: Sizes, *, dtype, variants, jax_extra, rounds, per_round, time_
         times = measure.time_interleaved(steps, rounds=rounds, per_round=per_round)
         for name, ms in times.items():
             rows[name].update(measure.summarize_times(ms))
+            rows[name]["cores_busy"] = rows[name]["cpu_ms_median"] / rows[name]["step_ms_median"]
             rows[name]["models_probes_per_s"] = s.models * s.batch / (rows[name]["step_ms_median"] / 1e3)
         for ref in ("torch_vmap", "torch_loop"):
             if ref in rows:
@@ -329,6 +359,7 @@ COLUMNS = [
     ("loss0", "loss0", ".6f"),
     ("step_ms_median", "median ms", ".2f"),
     ("step_ms_min", "min ms", ".2f"),
+    ("cores_busy", "cores busy", ".2f"),
     ("models_probes_per_s", "models*probes/s", ",.0f"),
     ("speed_vs_torch_vmap", "x torch_vmap", ".2f"),
     ("speed_vs_torch_loop", "x torch_loop", ".2f"),
@@ -345,8 +376,13 @@ def main(argv=None) -> list[dict]:
                    help="print each JAX row's slowest XLA:CPU ops (jax.profiler trace)")
     p.add_argument("--threads", type=int, help="cores for both frameworks (default: all available)")
     p.add_argument("--torch-compile", action="store_true", help="add torch_vmap_compile")
+    p.add_argument("--devices", type=int,
+                   help="JAX CPU devices to shard the models over (default: one per core in use)")
     args = p.parse_args(argv)
     threads = set_threads(args.threads)  # before XLA and torch create their thread pools
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # Before JAX starts its CPU backend. Only the CPU backend reads it.
+        jax.config.update("jax_num_cpu_devices", args.devices or threads)
     try:
         import torch
 
@@ -365,8 +401,9 @@ def main(argv=None) -> list[dict]:
         if f not in JAX_FORMULATIONS:
             p.error(f"unknown JAX formulation {f!r}; known: {', '.join(JAX_FORMULATIONS)}")
     info = measure.machine()
-    print(f"population [{preset}] on {info['device']} ({info['cpu']}), {threads} thread(s) for each "
-          f"framework; jax {info['jax']}; frozen models in {jnp.dtype(dtype).name}; "
+    print(f"population [{preset}] on {info['device']} ({info['cpu']}), {threads} core(s) for each "
+          f"framework; {jax.device_count()} JAX device(s); jax {info['jax']}; "
+          f"frozen models in {jnp.dtype(dtype).name}; "
           f"XLA_FLAGS={info['xla_flags']!r}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}")
     print(f"timing: {rounds} interleaved rounds x {per_round} steps per variant, after 2 warm-up steps\n")
     all_rows = []

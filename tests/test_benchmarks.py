@@ -91,8 +91,11 @@ def test_population_rows(results):
     for rows in by_variant(results["population"]).values():
         jf = rows["jf_vmap"]
         assert REQUIRED <= set(jf), REQUIRED - set(jf)
-        assert jf["matmul_gflops"] <= 1.01 * jf["ideal_gflops"]
+        # Sharded over (up to) one CPU device per core; FLOPs are those of all devices together.
+        assert 1 <= jf["devices"] <= jf["threads"] and jf["models"] % jf["devices"] == 0
+        assert 0.99 * jf["ideal_gflops"] <= jf["matmul_gflops"] <= 1.01 * jf["ideal_gflops"]
         assert jf["models_probes_per_s"] > 0
+        assert 0 < jf["cpu_ms_median"]
         torch_rows = {k: v for k, v in rows.items() if k.startswith("torch")}
         assert bool(torch_rows) == HAVE_TORCH
         for name, r in torch_rows.items():
