@@ -459,6 +459,11 @@ def main(argv=None) -> dict:
         args.folds = 1 if args.quick else 4
     if args.min_train_acc is None:
         args.min_train_acc = 0.0 if args.quick else 0.9
+    if args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        try:  # on CPU, one device per share of the models (read only by the CPU backend)
+            jax.config.update("jax_num_cpu_devices", args.devices)
+        except RuntimeError:  # JAX's backends already started (main() called in-process)
+            pass
     if jax.device_count() < args.devices:
         raise SystemExit(f"--devices {args.devices} but JAX sees {jax.device_count()} device(s); "
                          "on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N")

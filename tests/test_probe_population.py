@@ -50,8 +50,9 @@ def test_zoo_cache_round_trip(tmp_path):
 
 
 def test_quick_run(tmp_path):
+    # --devices 2 without XLA_FLAGS: the example asks JAX for two CPU devices itself.
     out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "probe_population.py"), "--quick",
+        [sys.executable, str(EXAMPLES / "probe_population.py"), "--quick", "--devices", "2",
          "--cache-dir", str(tmp_path / "zoo"), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, env=_env(), timeout=300,
     )
@@ -59,6 +60,7 @@ def test_quick_run(tmp_path):
     assert "compiled FLOPs per step" in out.stdout
     assert "weight stats" in out.stdout and "majority" in out.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["devices"] == 2
     # Frozen weight gradients are never computed: asking for them costs more.
     assert summary["flops"]["with_frozen_grads"] > 1.05 * summary["flops"]["probe_step"]
     assert set(summary["scores"]) == {"majority", "weight stats", "probe"}
