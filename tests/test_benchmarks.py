@@ -29,18 +29,23 @@ def results(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     # LLVM's optimization level changes neither the HLO nor its FLOPs; at 0 compiling is faster.
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    runs = {name: [name] for name in ("probe_step", "population")}
+    # The --gpu preset's code path at quick sizes: bf16 frozen models and an MFU column.
+    runs["population_bf16"] = ["population", "--dtype", "bfloat16", "--peak-tflops", "1",
+                               "--variants", "jf_vmap"]
     procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--json", str(out / f"{name}.json")],
+        key: subprocess.Popen(
+            [sys.executable, "-m", f"benchmarks.{script}", "--quick", *extra,
+             "--json", str(out / f"{key}.json")],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name in ("probe_step", "population")
+        for key, (script, *extra) in runs.items()
     }
     rows = {}
-    for name, p in procs.items():
+    for key, p in procs.items():
         text, _ = p.communicate(timeout=600)
         assert p.returncode == 0, text
         assert "variant" in text  # the printed table
-        rows[name] = json.loads((out / f"{name}.json").read_text())
+        rows[key] = json.loads((out / f"{key}.json").read_text())
     return rows
 
 
@@ -102,6 +107,15 @@ def test_population_rows(results):
             # Same FLOPs (torch's FlopCounterMode) and, from the same weights, the same loss.
             assert r["matmul_gflops"] == pytest.approx(r["ideal_gflops"], rel=1e-6), name
             assert r["loss0"] == pytest.approx(jf["loss0"], rel=1e-5, abs=1e-6), name
+
+
+def test_population_bf16_with_mfu(results):
+    (jf,) = results["population_bf16"]
+    assert jf["variant"] == "jf_vmap" and jf["dtype"] == "bfloat16"
+    assert 0.99 * jf["ideal_gflops"] <= jf["matmul_gflops"] <= 1.01 * jf["ideal_gflops"]
+    # MFU = ideal FLOPs per second over the given peak (1 TFLOP/s here).
+    assert jf["mfu"] == pytest.approx(jf["ideal_gflops"] / jf["step_ms_median"])  # GFLOP/ms = TFLOP/s
+    assert jf["loss0"] == pytest.approx(results["population"][0]["loss0"], abs=0.05)
 
 
 def test_hlo_matmul_flops_counts_dots_in_fusions_and_loops():
