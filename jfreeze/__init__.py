@@ -14,7 +14,7 @@ from jfreeze.labels import Labels, labels
 from jfreeze.paths import path_str
 from jfreeze.population import shard_stacked, stack, unstack
 from jfreeze.scaling import LayerwiseDecay, layerwise_decay, scale_by_label
-from jfreeze.schedules import GradualUnfreezeState, gradual_unfreeze
+from jfreeze.schedules import GradualUnfreezeState, gradual_unfreeze, thawed_value_and_grad
 from jfreeze.selectors import (
     Selector,
     as_selector,
@@ -61,6 +61,7 @@ __all__ = [
     "stack",
     "stop_gradient",
     "summary",
+    "thawed_value_and_grad",
     "unstack",
     "where",
 ]

@@ -266,7 +266,7 @@ def _trees_and_thaws(draw):
         steps.append(s)
     assume(thaw)
     params = materialize(skeleton, np.random.default_rng(draw(st.integers(0, 2**16))))
-    return params, thaw, steps, draw(st.booleans())
+    return params, thaw, steps, draw(st.booleans()), draw(st.booleans())
 
 
 @property_settings(15)
@@ -274,11 +274,17 @@ def _trees_and_thaws(draw):
 def test_thaw_law_property(case):
     # Each element keeps its bits until its thaw step and moves from it on; sgd with a
     # constant gradient: p_k = p_0 - lr * g * (k - thaw) after k steps.
-    params, thaw, steps, per_stage = case
+    # With thawed=True the gradients come from jf.thawed_value_and_grad of a loss whose
+    # gradient is all ones: the same law must hold.
+    params, thaw, steps, per_stage, thawed = case
     tx = jf.gradual_unfreeze(optax.sgd(0.5), thaw=thaw, per_stage=per_stage)
     grads = jax.tree.map(lambda x: np.ones_like(x), params)
+    grad_fn = jf.thawed_value_and_grad(
+        lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p)), thaw)
     state, p = tx.init(params), params
     for k in range(1, 4):
+        if thawed:
+            _, grads = grad_fn(state.count, p)
         updates, state = tx.update(grads, state, p)
         p = optax.apply_updates(p, updates)
         for x0, x, s in zip(jax.tree.leaves(params), jax.tree.leaves(p), steps):
@@ -287,3 +293,93 @@ def test_thaw_law_property(case):
             np.testing.assert_array_equal(bits(x)[still], bits(x0)[still])
             trained = np.clip(k - s, 0, None).astype(np.float32)
             np.testing.assert_allclose(x[~still], (x0 - 0.5 * trained)[~still], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# jf.thawed_value_and_grad: each stage differentiates only what has thawed.
+
+STAGED = {0: HEAD, THAW_AT: BODY}
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_thawed_value_and_grad_differentiates_only_what_has_thawed(jit):
+    g = jf.thawed_value_and_grad(_loss, STAGED)
+    g = jax.jit(g) if jit else g
+    p, (x, y) = _params(), _batch(0)
+    value, full = jax.value_and_grad(_loss)(p, x, y)
+    for count in (0, THAW_AT - 1, THAW_AT, THAW_AT + 5):
+        v, grads = g(count, p, x, y)
+        np.testing.assert_allclose(v, value, rtol=1e-6)
+        thawed = {"head": True, "body": count >= THAW_AT, "emb": False}
+        for name, on in thawed.items():
+            for a, b in zip(jax.tree.leaves(grads[name]), jax.tree.leaves(full[name])):
+                if on:
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+                else:
+                    assert not np.asarray(a).any(), (name, count)
+
+
+def test_thawed_grads_train_like_plain_grads_in_one_compilation():
+    tx = _tx(optax.adam(0.1))
+    g = jf.thawed_value_and_grad(_loss, STAGED)
+    traces = [0]
+
+    @jax.jit
+    def step(params, state, x, y):
+        traces[0] += 1
+        _, grads = g(state.count, params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = _params(), tx.init(_params())
+    for i, (reference, _) in enumerate(_cached_run("adam", False)[0]):
+        params, state = step(params, state, *_batch(i))
+        np.testing.assert_array_equal(_bits(params["emb"]), _bits(_params()["emb"]))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert traces == [1]
+
+
+def test_thawed_value_and_grad_skips_the_gradients_of_layers_not_yet_thawed():
+    # A constant count keeps one branch of the switch: its compiled FLOPs are that stage's.
+    g = jf.thawed_value_and_grad(_loss, STAGED)
+    p, (x, y) = _params(), _batch(0)
+
+    def flops(fn):
+        return jax.jit(fn).lower(p, x, y).compile().cost_analysis()["flops"]
+
+    def grad_of(names):
+        def fn(p, x, y):
+            return jax.value_and_grad(lambda sub: _loss({**p, **sub}, x, y))({n: p[n] for n in names})
+        return fn
+
+    assert flops(lambda p, x, y: g(0, p, x, y)) == flops(grad_of(["head"]))
+    assert flops(lambda p, x, y: g(THAW_AT, p, x, y)) == flops(grad_of(["head", "body"]))
+    assert flops(grad_of(["head"])) < flops(grad_of(["head", "body"])) < flops(jax.value_and_grad(_loss))
+
+
+def test_thawed_value_and_grad_element_wise_and_aux():
+    # A leaf thawed element-wise is differentiated whole from its first element's step.
+    thaw = {2: jf.elements("head/w", np.s_[:, 1])}
+    g = jf.thawed_value_and_grad(lambda p, x, y: (_loss(p, x, y), x.sum()), thaw, has_aux=True)
+    p, (x, y) = _params(), _batch(0)
+    full = jax.grad(_loss)(p, x, y)
+    (v0, aux), g0 = g(1, p, x, y)
+    assert not any(np.asarray(a).any() for a in jax.tree.leaves(g0))  # nothing thawed yet
+    np.testing.assert_allclose(aux, x.sum())
+    _, g2 = g(2, p, x, y)
+    np.testing.assert_allclose(g2["head"]["w"], full["head"]["w"], rtol=1e-5, atol=1e-7)
+    assert not np.asarray(g2["head"]["b"]).any()
+
+
+def test_thawed_value_and_grad_errors():
+    with pytest.raises(ValueError, match="jf.thawed_value_and_grad: thaw= is empty"):
+        jf.thawed_value_and_grad(_loss, {})
+    with pytest.raises(TypeError, match="Python ints"):
+        jf.thawed_value_and_grad(_loss, {"3": HEAD})
+    g = jf.thawed_value_and_grad(lambda p: p["w"].sum() * 1.0, {0: jf.paths("step", "w")})
+    with pytest.raises(TypeError, match="path 'step' thaws at step 0 but has dtype int32"):
+        g(0, {"w": jnp.ones(2), "step": jnp.zeros((), jnp.int32)})
+    g = jf.thawed_value_and_grad(_loss, {0: jf.paths("haed/**")})
+    with pytest.raises(ValueError, match="'head/\\*\\*'"):  # a typo names the closest paths
+        g(0, _params(), *_batch(0))
