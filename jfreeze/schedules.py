@@ -272,9 +272,7 @@ def thawed_value_and_grad(
         def branch(k: int):  # k = how many thaw steps have passed
             idx = [i for i, s in enumerate(first) if k and s <= bounds[k - 1]]
 
-            def run(operands):
-                leaves, args, kwargs = operands
-
+            def run(leaves):  # args and kwargs are closed over: they may hold non-arrays
                 def f(sub):
                     full = list(leaves)
                     for i, x in zip(idx, sub):
@@ -290,7 +288,7 @@ def thawed_value_and_grad(
             return run
 
         k = jnp.sum(jnp.asarray(count) >= jnp.asarray(bounds, jnp.int32)) if bounds else 0
-        operands = ([x for _, x in flat.entries], args, kwargs)
-        return jax.lax.switch(k, [branch(k) for k in range(len(bounds) + 1)], operands)
+        leaves = [x for _, x in flat.entries]
+        return jax.lax.switch(k, [branch(k) for k in range(len(bounds) + 1)], leaves)
 
     return value_and_grad

@@ -361,13 +361,16 @@ def test_thawed_value_and_grad_skips_the_gradients_of_layers_not_yet_thawed():
 def test_thawed_value_and_grad_element_wise_and_aux():
     # A leaf thawed element-wise is differentiated whole from its first element's step.
     thaw = {2: jf.elements("head/w", np.s_[:, 1])}
-    g = jf.thawed_value_and_grad(lambda p, x, y: (_loss(p, x, y), x.sum()), thaw, has_aux=True)
+    def loss(p, x, y, *, reduce):  # a non-array keyword argument (a function) passes through
+        return _loss(p, x, y), reduce(x)
+
+    g = jf.thawed_value_and_grad(loss, thaw, has_aux=True)
     p, (x, y) = _params(), _batch(0)
     full = jax.grad(_loss)(p, x, y)
-    (v0, aux), g0 = g(1, p, x, y)
+    (v0, aux), g0 = g(1, p, x, y, reduce=jnp.sum)
     assert not any(np.asarray(a).any() for a in jax.tree.leaves(g0))  # nothing thawed yet
     np.testing.assert_allclose(aux, x.sum())
-    _, g2 = g(2, p, x, y)
+    _, g2 = g(2, p, x, y, reduce=jnp.sum)
     np.testing.assert_allclose(g2["head"]["w"], full["head"]["w"], rtol=1e-5, atol=1e-7)
     assert not np.asarray(g2["head"]["b"]).any()
 
