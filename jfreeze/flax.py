@@ -315,13 +315,14 @@ class NNXFilter:
         return f"nnx_filter({self.selector!r})"
 
 
-def nnx_filter(selector: Selector, *, model: Any = None) -> NNXFilter:
+def nnx_filter(selector: Selector, *, model: Any) -> NNXFilter:
     """A jfreeze selector as an NNX filter, with paths spelled as jfreeze spells them.
 
     NNX filters see one variable at a time, so a pattern that matches nothing
-    cannot be caught by the filter itself; pass ``model=`` to check the
-    selector against the model now (a typo then raises, naming the closest
-    paths, as strict patterns do elsewhere in jfreeze). Element-wise selections
+    cannot be caught by the filter itself. The filter is therefore always built
+    for a ``model``: the selector is checked against its variables now, and a
+    typo raises (naming the closest paths) as strict patterns do elsewhere in
+    jfreeze; it never trains everything silently. Element-wise selections
     cannot be NNX filters (an error); freeze elements with ``jf.freeze`` as the
     optimizer's ``tx``. The selector sees each variable's value as a
     ``jax.ShapeDtypeStruct``; combine with ``nnx.Param`` etc. for the type.
@@ -329,7 +330,8 @@ def nnx_filter(selector: Selector, *, model: Any = None) -> NNXFilter:
     Args:
       selector: a jfreeze selector (``jf.paths``, ``jf.regex``, ``jf.where``,
         and their combinations).
-      model: optional NNX module (or graph node) to check the selector against.
+      model: the NNX module (or graph node) the filter is for; required, so
+        that every strict pattern is checked against real paths.
 
     Returns:
       An :class:`NNXFilter`, usable wherever NNX takes a filter:
@@ -348,6 +350,9 @@ def nnx_filter(selector: Selector, *, model: Any = None) -> NNXFilter:
     >>> opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=trainable)
     >>> sorted(nnx.to_flat_state(nnx.state(model, trainable)).paths)  # what trains
     [('head', 'bias'), ('head', 'kernel')]
+    >>> jf.flax.nnx_filter(jf.paths("backbon/**"), model=model)
+    Traceback (most recent call last):
+    ValueError: jf.paths('backbon/**') matches no leaf of the tree. Closest paths: 'backbone/**', ...
     """
     sel = as_selector(selector)
     if isinstance(sel, _MaskTree):
@@ -355,18 +360,29 @@ def nnx_filter(selector: Selector, *, model: Any = None) -> NNXFilter:
             "jf.flax.nnx_filter takes a selector (jf.paths, jf.regex, jf.where, ...): an "
             "NNX filter sees one variable at a time, never a whole mask tree."
         )
-    if model is not None:
-        _check_on_model(sel, model)
-    return NNXFilter(sel)
+    filt = NNXFilter(sel)
+    _check_on_model(filt, model)
+    return filt
 
 
-def _check_on_model(selector: Selector, model: Any) -> None:
-    """Evaluates ``selector`` strictly on the variables of an NNX ``model``.
+def _check_on_model(filt: NNXFilter, model: Any) -> None:
+    """Evaluates the filter's selector strictly on the variables of an NNX ``model``.
 
-    Raises the usual jfreeze errors: a pattern that matches no variable (naming
-    the closest paths), or an element-wise selection (naming the path).
+    The filter is first run on every variable, so a selector that cannot answer
+    one variable at a time fails here, not at first use; then the usual jfreeze
+    errors: a pattern that matches no variable (naming the closest paths), or
+    an element-wise selection (naming the path).
     """
+    selector = filt.selector
     flat = nnx.to_flat_state(nnx.state(model))
+    for p, v in flat:
+        try:
+            filt(p, v)
+        except NotImplementedError:
+            raise TypeError(
+                f"jf.flax.nnx_filter({selector!r}): a part of this selector has no per-leaf "
+                "answer (leaf_mask); an NNX filter sees one variable at a time."
+            ) from None
     # A flat dict keyed by the path strings spells every path exactly as the
     # NNX filter does, so strictness is checked on the same strings.
     by_path = {path_str(p): shape_dtype(_value(v)) for p, v in flat}

@@ -436,11 +436,13 @@ def _pure(model, *filters):
 def test_nnx_filter_paths_spelled_like_jfreeze():
     model = NNXNet(nnx.Rngs(0))
     seen = []
-    nnx.state(model, F.nnx_filter(jf.where(lambda p, leaf: seen.append(p) or True)))
+    filt = F.nnx_filter(jf.where(lambda p, leaf: seen.append(p) or True), model=model)
+    seen.clear()  # the construction-time check ran it once per variable
+    nnx.state(model, filt)
     pure_paths = [p for p, _ in leaves_with_paths(nnx.to_pure_dict(nnx.state(model)))[0]]
     assert sorted(seen) == sorted(pure_paths)
     assert "backbone/0/kernel" in seen
-    assert repr(F.nnx_filter(jf.paths("backbone/**"))) == "nnx_filter(paths('backbone/**'))"
+    assert repr(F.nnx_filter(jf.paths("backbone/**"), model=model)) == "nnx_filter(paths('backbone/**'))"
 
 
 def test_nnx_optimizer_and_diffstate_train_only_selected():
@@ -498,7 +500,7 @@ def test_nnx_custom_variable_type_freezes():
     assert not bits_equal(after["head"], before["head"])
     # the same freeze expressed as a selector gives the same set of trainable params
     assert nnx.to_flat_state(nnx.state(model, nnx.Param)).paths == nnx.to_flat_state(nnx.state(
-        model, nnx.All(nnx.Param, nnx.Not(F.nnx_filter(jf.paths("backbone/0/**")))))).paths
+        model, nnx.All(nnx.Param, nnx.Not(F.nnx_filter(jf.paths("backbone/0/**"), model=model))))).paths
 
 
 def test_nnx_filter_errors():
@@ -508,11 +510,29 @@ def test_nnx_filter_errors():
     with pytest.raises(ValueError, match="head/kernel"):
         F.nnx_filter(jf.elements("head/kernel", np.s_[:, 0]), model=model)
     with pytest.raises(ValueError, match="head/kernel"):  # also when met one variable at a time
-        nnx.state(model, F.nnx_filter(jf.elements("head/kernel", np.s_[:, 0])))
+        nnx.state(model, F.NNXFilter(jf.elements("head/kernel", np.s_[:, 0])))
     with pytest.raises(TypeError, match="selector"):
-        F.nnx_filter({"head": True})
-    # without model=, a pattern that matches nothing cannot be caught: it selects nothing
-    assert nnx.to_flat_state(nnx.state(model, F.nnx_filter(jf.paths("backbon/**")))).paths == ()
+        F.nnx_filter({"head": True}, model=model)
+
+
+def test_nnx_filter_typo_never_trains_silently():
+    # The check cannot be skipped: model= is required, so a typo is always an error.
+    model = NNXNet(nnx.Rngs(0))
+    with pytest.raises(TypeError, match="model"):
+        F.nnx_filter(jf.paths("backbon/**"))
+    # a typo inside a combination is named too, whatever the other parts match
+    with pytest.raises(ValueError, match="backbon"):
+        F.nnx_filter(jf.paths("head/**") | jf.paths("backbon/**"), model=model)
+    with pytest.raises(ValueError, match="backbon"):
+        F.nnx_filter(~jf.regex("backbon/.*"), model=model)
+
+
+def test_nnx_filter_tree_only_selector_fails_at_construction():
+    # A mask tree inside a combination has no per-variable answer: refused when built,
+    # not at the first nnx.state / nnx.Optimizer call.
+    model = NNXNet(nnx.Rngs(0))
+    with pytest.raises(TypeError, match="one at a time|whole tree"):
+        F.nnx_filter(jf.paths("head/**") | {"head": True, "backbone": False}, model=model)
 
 
 def test_nnx_optimizer_with_elementwise_freeze():
