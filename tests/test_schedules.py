@@ -211,6 +211,24 @@ def test_thawed_everything_and_list_form():
     assert not np.array_equal(history[1][0]["emb"], p0["emb"])
 
 
+@pytest.mark.parametrize("per_stage", [False, True], ids=["shared", "per_stage"])
+def test_readme_pattern_a_later_stage_that_overlaps_does_not_delay_the_earlier_one(per_stage):
+    # The README's {0: head, 2000: jf.everything}, at steps {0, 2}: jf.everything
+    # re-selects the head, which must still train from step 0 (not from step 2).
+    tx = jf.gradual_unfreeze(optax.sgd(0.1), thaw={0: HEAD, 2: jf.everything},
+                             per_stage=per_stage)
+    reference = jf.gradual_unfreeze(optax.sgd(0.1), thaw={0: HEAD, 2: BODY | EMB},
+                                    per_stage=per_stage)
+    p0 = _params()
+    history, _ = _run(tx, 3)
+    for t, ((p, _), (q, _)) in enumerate(zip(history, _run(reference, 3)[0])):
+        assert not np.array_equal(p["head"]["w"], p0["head"]["w"]), t  # trains from step 0
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+            np.testing.assert_array_equal(_bits(a), _bits(b))
+        for now, then in ((p["emb"], p0["emb"]), (p["body"]["w"], p0["body"]["w"])):
+            assert np.array_equal(_bits(now), _bits(then)) == (t < 2), t  # thaw at step 2
+
+
 def test_clipping_inside_sees_only_thawed_gradients():
     # Before the body thaws, the global norm inside `inner` is the head's alone.
     inner = optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0))
@@ -243,33 +261,46 @@ def test_errors():
 
 @st.composite
 def _trees_and_thaws(draw):
-    """Random params and a random thaw step (0, 1, 2 or never) per leaf or per element."""
+    """Random params and random, possibly overlapping thaw stages at steps 0, 1 and 2.
+
+    Each stage selects, per leaf, nothing, the whole leaf or some elements, drawn
+    independently of the other stages (sometimes ``jf.everything``), so a later stage
+    often re-selects what an earlier one thawed. The reference: an element trains from
+    the first step whose stage selects it (-1: never).
+    """
     skeleton = draw(skeletons(max_leaves=4))
     paths = leaf_paths(skeleton)
-    choices = [0, 1, 2, None]
-    steps, thaw = [], {}
-    for path, leaf in zip(paths, jax.tree.leaves(skeleton)):
-        size = int(np.prod(leaf.shape, dtype=int))
-        if size > 1 and draw(st.booleans()):
-            picks = draw(st.lists(st.sampled_from(choices), min_size=size, max_size=size))
-            s = np.array([-1 if p is None else p for p in picks]).reshape(leaf.shape)
-            for k in (0, 1, 2):
-                if (s == k).any():
-                    sel = jf.elements(_glob_escape(path), s == k)
-                    thaw[k] = thaw[k] | sel if k in thaw else sel
+    leaves = jax.tree.leaves(skeleton)
+    steps = [np.full(leaf.shape, -1) for leaf in leaves]
+    thaw = {}
+    for k in draw(st.lists(st.sampled_from([0, 1, 2]), min_size=1, max_size=3, unique=True)):
+        parts, chosen = [], []
+        if draw(st.integers(0, 5)) == 0:
+            parts, chosen = [jf.everything], [np.ones(leaf.shape, bool) for leaf in leaves]
         else:
-            k = draw(st.sampled_from(choices))
-            s = np.full(leaf.shape, -1 if k is None else k)
-            if k is not None:
-                sel = jf.paths(_glob_escape(path))
-                thaw[k] = thaw[k] | sel if k in thaw else sel
-        steps.append(s)
+            for path, leaf in zip(paths, leaves):
+                size = int(np.prod(leaf.shape, dtype=int))
+                kind = draw(st.sampled_from(["none", "whole"] + (["elements"] if size > 1 else [])))
+                m = np.full(leaf.shape, kind == "whole")
+                if kind == "whole":
+                    parts.append(jf.paths(_glob_escape(path)))
+                elif kind == "elements":
+                    m = np.array(draw(st.lists(st.booleans(), min_size=size, max_size=size)))
+                    m = m.reshape(leaf.shape)
+                    if m.any():
+                        parts.append(jf.elements(_glob_escape(path), m))
+                chosen.append(m)
+        if not parts:
+            continue
+        thaw[k] = functools.reduce(lambda a, b: a | b, parts)
+        for s, m in zip(steps, chosen):
+            s[m & ((s < 0) | (s > k))] = k  # the first step that selects an element wins
     assume(thaw)
     params = materialize(skeleton, np.random.default_rng(draw(st.integers(0, 2**16))))
     return params, thaw, steps, draw(st.booleans()), draw(st.booleans())
 
 
-@property_settings(15)
+@property_settings(25)
 @given(_trees_and_thaws())
 def test_thaw_law_property(case):
     # Each element keeps its bits until its thaw step and moves from it on; sgd with a
