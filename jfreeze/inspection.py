@@ -184,8 +184,28 @@ def summary(
     )
 
 
-def _unchanged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact equality, NaN equal to NaN (so eager ``-0.0 -> +0.0`` is no move)."""
+def _bit_view(x: np.ndarray) -> np.ndarray:
+    """The bit pattern of each element as unsigned ints, shape ``(*x.shape, parts)``.
+
+    Complex elements are two parts (real, imaginary: there is no uint128 for
+    complex128); every other dtype (floats of any width incl. bf16/fp8, ints, bool)
+    is one part of its own width.
+    """
+    parts = 2 if x.dtype.kind == "c" else 1
+    width = 8 * x.dtype.itemsize // parts
+    if width not in (8, 16, 32, 64):
+        raise TypeError(f"jf.assert_frozen: cannot compare the bits of dtype {x.dtype}")
+    flat = np.ascontiguousarray(x).reshape(-1)  # a 0-d array cannot change itemsize
+    return flat.view(f"uint{width}").reshape(*x.shape, parts)
+
+
+def _hex(bits: np.ndarray) -> str:
+    width = 2 * bits.dtype.itemsize
+    return ", ".join(f"0x{int(b):0{width}x}" for b in bits)  # complex: real, imag
+
+
+def _same_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Value equality with NaN equal to NaN (so ``-0.0 -> +0.0`` is no move)."""
     same = a == b
     if jnp.issubdtype(a.dtype, jnp.inexact):
         if a.dtype.itemsize < 4 and not jnp.issubdtype(a.dtype, jnp.complexfloating):
@@ -194,23 +214,41 @@ def _unchanged(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return same
 
 
-def assert_frozen(before: Any, after: Any, *, frozen: FrozenSpec) -> None:
+def assert_frozen(
+    before: Any, after: Any, *, frozen: FrozenSpec, compare: str = "bits"
+) -> None:
     """Raises ``AssertionError`` if any ``frozen`` leaf or element differs.
 
-    Values are compared exactly (NaN equal to NaN); the error names each path
-    that moved and how many of its frozen elements did.
+    By default bit patterns are compared, for every dtype (float32/64, bf16,
+    f16, fp8, both parts of complex values, ints, bool): ``-0.0 -> +0.0``, a
+    subnormal flushed to zero or a signalling NaN made quiet is a move. The
+    error names each path that moved, how many of its frozen elements did, and
+    the first one: its index and both values with their bit patterns (hex;
+    ``(real, imag)`` for complex). A change of shape or dtype is a move.
+
+    Args:
+      before: the params before.
+      after: the params after (same tree structure).
+      frozen: what is frozen (anything ``frozen=`` takes); only these leaves
+        or elements are compared.
+      compare: ``"bits"`` (default), or ``"values"``: numeric equality with
+        NaN equal to any NaN and ``-0.0`` equal to ``+0.0``, for a check that
+        tolerates what ``optax.apply_updates`` may do to such values.
 
     >>> import jax.numpy as jnp
     >>> import jfreeze as jf
     >>> before = {"backbone": jnp.zeros(3), "head": jnp.zeros(2)}
-    >>> after = {"backbone": jnp.array([0.0, 1.0, 0.0]), "head": jnp.ones(2)}
+    >>> after = {"backbone": jnp.array([0.0, -0.0, 0.0]), "head": jnp.ones(2)}
     >>> jf.assert_frozen(before, after, frozen=jf.paths("head"))  # head may move
     Traceback (most recent call last):
     AssertionError: ...
     >>> jf.assert_frozen(before, after, frozen=jf.paths("backbone"))
     Traceback (most recent call last):
-    AssertionError: 1 frozen leaf moved: 'backbone' (1 of 3 frozen elements, max |change| 1)
+    AssertionError: 1 frozen leaf moved: 'backbone' (1 of 3 frozen elements; first at [1]: 0.0 (0x00000000) -> -0.0 (0x80000000))
+    >>> jf.assert_frozen(before, after, frozen=jf.paths("backbone"), compare="values")
     """
+    if compare not in ("bits", "values"):
+        raise ValueError(f"jf.assert_frozen: compare= is 'bits' or 'values', got {compare!r}")
     fb, masks = as_selector(frozen).masks(before)
     fa = _Flat.of(after)
     if fb.treedef != fa.treedef:
@@ -228,12 +266,18 @@ def assert_frozen(before: Any, after: Any, *, frozen: FrozenSpec) -> None:
         if a.shape != b.shape or a.dtype != b.dtype:
             moved.append(f"{path!r} (was {a.dtype}{list(a.shape)}, now {b.dtype}{list(b.shape)})")
             continue
-        changed = ~_unchanged(a, b) & (True if m is True else m)
+        bits_a, bits_b = _bit_view(a), _bit_view(b)
+        same = (bits_a == bits_b).all(-1) if compare == "bits" else _same_values(a, b)
+        changed = ~same & (True if m is True else np.broadcast_to(m, a.shape))
         k = int(np.sum(changed))
         if k:
-            n = a.size if m is True else int(np.sum(m))
-            big = np.max(np.abs(a[changed].astype(np.float64) - b[changed].astype(np.float64)))
-            moved.append(f"{path!r} ({k} of {n} frozen elements, max |change| {big:.3g})")
+            n = a.size if m is True else int(np.sum(np.broadcast_to(m, a.shape)))
+            i = tuple(int(j) for j in np.argwhere(changed)[0])
+            where = f"first at {list(i)}: " if i else ""
+            moved.append(
+                f"{path!r} ({k} of {n} frozen elements; {where}{a[i]} ({_hex(bits_a[i])}) "
+                f"-> {b[i]} ({_hex(bits_b[i])}))"
+            )
     if moved:
         noun = "leaf" if len(moved) == 1 else "leaves"
         raise AssertionError(f"{len(moved)} frozen {noun} moved: " + "; ".join(moved))

@@ -1,4 +1,4 @@
-"""summary (counts, bytes, rows) and assert_frozen (exact, NaN == NaN, names paths)."""
+"""summary (counts, bytes, rows) and assert_frozen (bitwise by default, names paths)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import leaf_paths, property_settings, trees_and_selections
 
 import jfreeze as jf
 
@@ -77,10 +80,80 @@ def test_summary_label_rows_and_opt_state_bytes(abstract):
 # assert_frozen
 
 
-def test_assert_frozen_passes_on_signed_zero_and_nan():
+def test_assert_frozen_values_mode_passes_on_signed_zero_and_nan_bits_mode_does_not():
     before = {"w": jnp.array([-0.0, jnp.nan, 1.0]), "b": jnp.array([0.0])}
     after = {"w": jnp.array([0.0, jnp.nan, 1.0]), "b": jnp.array([-0.0])}  # eager -0.0 -> +0.0
-    jf.assert_frozen(before, after, frozen=jf.everything)
+    jf.assert_frozen(before, after, frozen=jf.everything, compare="values")
+    with pytest.raises(AssertionError) as e:
+        jf.assert_frozen(before, after, frozen=jf.everything)
+    assert "2 frozen leaves moved" in str(e.value)
+    assert "'w' (1 of 3 frozen elements; first at [0]: -0.0 (0x80000000) -> 0.0 (0x00000000))" \
+        in str(e.value)
+    with pytest.raises(ValueError, match="compare= is 'bits' or 'values'"):
+        jf.assert_frozen(before, after, frozen=jf.everything, compare="exact")
+
+
+F8 = jnp.float8_e4m3fn
+
+
+@pytest.mark.parametrize("dtype, was, now, values_equal", [
+    (np.float32, 0x80000000, 0x00000000, True),   # -0.0 -> +0.0
+    (np.float32, 0x00000001, 0x00000000, False),  # smallest subnormal flushed
+    (np.float32, 0x007FFFFF, 0x00000000, False),  # largest subnormal flushed
+    (np.float32, 0x7F800001, 0x7FC00001, True),   # signalling NaN quieted
+    (np.float32, 0x7FC00000, 0xFFC00000, True),   # NaN sign
+    (np.float64, 0x0000000000000001, 0x0, False),
+    (np.float64, 0x7FF0000000000001, 0x7FF8000000000001, True),
+    (jnp.bfloat16, 0x0001, 0x0000, False),
+    (jnp.bfloat16, 0x7FC1, 0x7FC0, True),         # NaN payload
+    (np.float16, 0x7C01, 0x7E01, True),
+    (F8, 0x80, 0x00, True),
+    (np.int32, 0x00000000, 0x80000000, False),
+    (np.uint8, 0x01, 0x03, False),
+], ids=lambda v: getattr(v, "__name__", None) if isinstance(v, type) else None)
+def test_assert_frozen_compares_bits_of_every_dtype(dtype, was, now, values_equal):
+    width = 8 * np.dtype(dtype).itemsize
+    bits = np.array([0, was, 0], dtype=f"uint{width}")
+    before = {"keep": np.zeros(2, np.float32), "x": bits.view(dtype)}
+    after = {"keep": np.zeros(2, np.float32), "x": bits.copy()}
+    after["x"][1] = now
+    after["x"] = after["x"].view(dtype)
+    jf.assert_frozen(before, before, frozen=jf.everything)
+    with pytest.raises(AssertionError) as e:
+        jf.assert_frozen(before, after, frozen=jf.paths("x"))
+    digits = width // 4
+    assert (f"'x' (1 of 3 frozen elements; first at [1]: " in str(e.value)
+            and f"(0x{was:0{digits}x}) -> " in str(e.value)
+            and str(e.value).endswith(f"(0x{now:0{digits}x}))")), str(e.value)
+    if values_equal:
+        jf.assert_frozen(before, after, frozen=jf.paths("x"), compare="values")
+    else:
+        with pytest.raises(AssertionError, match="'x'"):
+            jf.assert_frozen(before, after, frozen=jf.paths("x"), compare="values")
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_assert_frozen_compares_both_parts_of_complex_values(dtype):
+    before = {"z": np.array(complex(1.0, -0.0), dtype)}  # a 0-d leaf
+    after = {"z": np.array(complex(1.0, 0.0), dtype)}
+    jf.assert_frozen(before, after, frozen=jf.everything, compare="values")
+    with pytest.raises(AssertionError) as e:
+        jf.assert_frozen(before, after, frozen=jf.everything)
+    one, sign = ("0x3f800000", "0x80000000") if dtype == np.complex64 else (
+        "0x3ff0000000000000", "0x8000000000000000")
+    assert f"(1 of 1 frozen elements; (1-0j) ({one}, {sign}) -> (1+0j) ({one}, 0x" in str(e.value)
+
+
+def test_assert_frozen_catches_an_eager_optax_step_that_turns_minus_zero_positive():
+    # optax.selective_transform's frozen update is +0.0: eagerly, -0.0 + 0.0 = +0.0.
+    params = {"backbone": jnp.array([1.5, -0.0]), "head": jnp.array([1.0, 2.0])}
+    tx = optax.selective_transform(optax.sgd(0.1), freeze_mask={"backbone": True, "head": False})
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    jf.assert_frozen(params, new, frozen=jf.paths("backbone"), compare="values")
+    with pytest.raises(AssertionError, match=r"'backbone' \(1 of 2 frozen elements; first at "
+                       r"\[1\]: -0.0 \(0x80000000\) -> 0.0 \(0x00000000\)\)"):
+        jf.assert_frozen(params, new, frozen=jf.paths("backbone"))
 
 
 def test_assert_frozen_fails_naming_path_and_count():
@@ -94,7 +167,7 @@ def test_assert_frozen_fails_naming_path_and_count():
     assert "2 frozen leaves moved" in str(e.value)
     assert "'enc/w' (2 of 6" in str(e.value) and "'head' (4 of 4" in str(e.value)
     # a NaN that appears is a move
-    with pytest.raises(AssertionError, match="'head' \\(1 of 4"):
+    with pytest.raises(AssertionError, match="'head' \\(1 of 4 frozen elements; first at \\[1\\]"):
         jf.assert_frozen(before, {**before, "head": before["head"].at[1].set(jnp.nan)},
                          frozen=jf.paths("head"))
 
@@ -103,7 +176,7 @@ def test_assert_frozen_element_wise_checks_only_frozen_elements():
     before = {"w": jnp.zeros((2, 3))}
     after = {"w": jnp.zeros((2, 3)).at[:, 1:].set(1.0)}
     jf.assert_frozen(before, after, frozen=jf.elements("w", np.s_[:, 0]))
-    with pytest.raises(AssertionError, match=r"'w' \(2 of 4 frozen elements"):
+    with pytest.raises(AssertionError, match=r"'w' \(2 of 4 frozen elements; first at \[0, 1\]"):
         jf.assert_frozen(before, after, frozen=jf.elements("w", np.s_[:, :2]))
 
 
@@ -114,7 +187,7 @@ def test_assert_frozen_after_a_real_eager_step():
                optax.selective_transform(optax.adam(0.1), freeze_mask=mask)):
         updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
         new = optax.apply_updates(params, updates)
-        jf.assert_frozen(params, new, frozen=jf.paths("backbone"))
+        jf.assert_frozen(params, new, frozen=jf.paths("backbone"), compare="values")
         with pytest.raises(AssertionError, match="'head'"):
             jf.assert_frozen(params, new, frozen=jf.everything)
 
@@ -122,3 +195,66 @@ def test_assert_frozen_after_a_real_eager_step():
 def test_assert_frozen_dtype_or_shape_change_is_a_move():
     with pytest.raises(AssertionError, match="'w'"):
         jf.assert_frozen({"w": jnp.zeros(2)}, {"w": jnp.zeros(3)}, frozen=jf.everything)
+
+
+# Property: a single-bit flip in any frozen element is caught and named; any change in
+# trainable elements is never reported. Every dtype, random bit patterns with the special
+# ones over-represented (+-0, smallest subnormal, NaN with every payload bit, sign bit).
+
+DTYPES = [np.float32, np.float64, jnp.bfloat16, np.float16, jnp.float8_e4m3fn,
+          jnp.float8_e5m2, np.complex64, np.complex128, np.int32, np.int8, np.uint16, np.bool_]
+
+
+def _random_bits(rng, shape, dtype):
+    """An array of ``dtype`` with random bit patterns (bool: 0 or 1)."""
+    parts = 2 if np.dtype(dtype).kind == "c" else 1
+    width = 8 * np.dtype(dtype).itemsize // parts
+    n = int(np.prod(shape, dtype=int)) * parts
+    if dtype is np.bool_:
+        return rng.integers(0, 2, shape).astype(np.bool_)
+    top = (1 << width) - 1
+    specials = np.array([0, 1, 1 << (width - 1), (1 << (width - 1)) | 1, top, top >> 1],
+                        dtype=np.uint64)
+    raw = rng.integers(0, top, n, dtype=np.uint64, endpoint=True)
+    raw = np.where(rng.random(n) < 0.5, specials[rng.integers(0, len(specials), n)], raw)
+    return raw.astype(f"uint{width}").view(dtype).reshape(shape)
+
+
+@property_settings(60)
+@given(trees_and_selections(), st.data())
+def test_assert_frozen_property_single_bit_flips(case, data):
+    skeleton_params, selection, rng = case
+    leaves, treedef = jax.tree.flatten(skeleton_params)
+    paths = leaf_paths(skeleton_params)
+    dtypes = [data.draw(st.sampled_from(DTYPES)) for _ in leaves]
+    before = [_random_bits(rng, x.shape, d) for x, d in zip(leaves, dtypes)]
+    after = [x.copy() for x in before]
+    for i, x in enumerate(after):  # any change to every trainable element
+        free = ~selection.frozen_elements(i, x.shape)
+        x[free] = _random_bits(rng, x.shape, dtypes[i])[free]
+    frozen = [(i, idx) for i, x in enumerate(before)
+              for idx in np.argwhere(selection.frozen_elements(i, x.shape))]
+    flip = frozen and data.draw(st.booleans())
+    tree = lambda xs: jax.tree.unflatten(treedef, xs)
+    if not flip:
+        jf.assert_frozen(tree(before), tree(after), frozen=selection.selector)
+        return
+    i, idx = data.draw(st.sampled_from(frozen))
+    idx = tuple(int(j) for j in idx)
+    parts = _bit_parts(after[i])
+    part = data.draw(st.integers(0, parts.shape[-1] - 1))
+    width = 1 if dtypes[i] is np.bool_ else 8 * parts.dtype.itemsize
+    bit = data.draw(st.integers(0, width - 1))
+    parts[idx + (part,)] ^= parts.dtype.type(1 << bit)
+    with pytest.raises(AssertionError) as e:
+        jf.assert_frozen(tree(before), tree(after), frozen=selection.selector)
+    where = f"first at {list(idx)}: " if idx else ""
+    msg = str(e.value)
+    assert msg.startswith("1 frozen leaf moved: ") and f"{paths[i]!r} (1 of " in msg, msg
+    assert f"elements; {where}" in msg and "0x" in msg, msg
+
+
+def _bit_parts(x):
+    """A writable uint view of ``x``'s bits, shape ``(*x.shape, parts)``."""
+    parts = 2 if x.dtype.kind == "c" else 1
+    return x.reshape(-1).view(f"uint{8 * x.dtype.itemsize // parts}").reshape(*x.shape, parts)
