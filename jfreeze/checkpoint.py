@@ -7,7 +7,9 @@ not need it; install it with ``pip install "jfreeze[orbax]"``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,22 +52,79 @@ def _leaf_paths(tree: Any) -> list[tuple[str, Any]]:
     return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-@jax.jit
-def _fingerprints(leaves: list) -> list:
-    """A 64-bit position-weighted checksum of each leaf's bits, computed on device."""
-    out = []
-    for x in leaves:
-        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
-        if x.dtype == jnp.bool_:
-            bits = x.astype(jnp.uint32)
-        elif width is None:  # 8-byte dtypes (with jax_enable_x64): two words per element
-            bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+def _describe(x: Any) -> dict[str, Any]:
+    return {"shape": list(getattr(x, "shape", ())),
+            "dtype": str(np.dtype(x.dtype)) if _is_array(x) else type(x).__name__}
+
+
+def _state_entries(opt_state: Any) -> list[dict[str, Any]]:
+    return [{"path": p, **_describe(x)} for p, x in _leaf_paths(opt_state)]
+
+
+def _refuse_shared_paths(paths: Sequence[str], what: str) -> None:
+    """Checkpoints match leaves by path, so no two leaves may share a path string."""
+    counts = Counter(paths)
+    shared = [p for p, n in counts.items() if n > 1]
+    if shared:
+        raise ValueError(
+            f"two leaves of the {what} share the path {describe_paths(shared)} (e.g. a dict key "
+            "'a/b' and a nested a -> b), so they cannot be matched by path in a checkpoint: "
+            "rename one of them."
+        )
+
+
+def _bit_width(dtype: Any) -> int:
+    # jnp.issubdtype knows the ml_dtypes (bf16, fp8, int4: NumPy kind 'V').
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.iinfo(dtype).bits  # int4, uint2, ... are narrower than their itemsize
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.finfo(dtype).bits
+    return 8 * np.dtype(dtype).itemsize
+
+
+def _as_words(x: Any, xp: Any) -> Any:
+    """The bits of ``x`` as a flat uint32 array, the same for NumPy (``xp=np``) and JAX.
+
+    Reinterprets, never converts, except booleans and sub-byte dtypes, whose
+    conversion by value is exact and one to one. Complex numbers are split into
+    real and imaginary parts (interleaved, as in memory); an 8-byte word becomes
+    two uint32 words.
+    """
+    if x.dtype == np.bool_:
+        return x.astype(np.uint32).ravel()
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        if xp is np:
+            x = np.ascontiguousarray(x).reshape(-1).view(x.real.dtype)
         else:
-            bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
-        bits = bits.ravel()
+            x = jnp.stack([jax.lax.real(x), jax.lax.imag(x)], axis=-1)
+    width = _bit_width(x.dtype)
+    if width < 8:  # int4, float4_e2m1fn, ...: no NaN payloads, widen by value
+        x = x.astype(np.int32 if jnp.issubdtype(x.dtype, jnp.integer) else np.float32)
+        width = 32
+    word = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint32}[width]
+    if xp is np:
+        return np.ascontiguousarray(x).reshape(-1).view(word).astype(np.uint32)
+    return jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32).ravel()
+
+
+@jax.jit
+def _fingerprints(words: list) -> list:
+    """A 64-bit position-weighted checksum of each leaf's bits, computed on device.
+
+    A leaf is a JAX array, or a NumPy array already turned into words by
+    :func:`_as_words` on the host.
+
+    Any single flipped bit changes ``b``: the product term changes at or above
+    the flipped bit, the shifted term only below it.
+    """
+    out = []
+    for bits in words:
+        bits = _as_words(bits, jnp)
         idx = jax.lax.iota(jnp.uint32, bits.size)
-        a = jnp.sum(bits * (idx * jnp.uint32(2654435761) + jnp.uint32(0x9E3779B9)))
-        b = jnp.sum((bits + idx) * jnp.uint32(0x85EBCA6B) ^ (bits >> 7))
+        # dtype=uint32: the same sums (and fingerprints) with jax_enable_x64 on.
+        a = jnp.sum(bits * (idx * jnp.uint32(2654435761) + jnp.uint32(0x9E3779B9)),
+                    dtype=jnp.uint32)
+        b = jnp.sum((bits + idx) * jnp.uint32(0x85EBCA6B) ^ (bits >> 7), dtype=jnp.uint32)
         out.append(jnp.stack([a, b]))
     return out
 
@@ -73,7 +132,10 @@ def _fingerprints(leaves: list) -> list:
 def _fingerprint_all(leaves: Sequence[Any]) -> list[str]:
     if not leaves:
         return []
-    return [f"{int(a):08x}{int(b):08x}" for a, b in jax.device_get(_fingerprints(list(leaves)))]
+    # NumPy leaves are turned into words on the host: handing a float64 array to
+    # jit without x64 would round it to float32 first.
+    words = [_as_words(x, np) if isinstance(x, np.ndarray) else x for x in leaves]
+    return [f"{int(a):08x}{int(b):08x}" for a, b in jax.device_get(_fingerprints(words))]
 
 
 def freeze_manifest(
@@ -90,8 +152,11 @@ def freeze_manifest(
     For each leaf: its path, shape, dtype and status (``"frozen"``,
     ``"trainable"`` or ``"partial"`` with the hash of its element mask), and,
     for frozen leaves, a fingerprint of their values (a 64-bit checksum computed
-    on device, not a cryptographic hash) so that a resumed run can check that it
-    was handed the same frozen weights. :func:`save_trainable` writes it;
+    on device over the leaf's bits, every dtype, not a cryptographic hash) so
+    that a resumed run can check that it was handed the same frozen weights.
+    The optimizer state is recorded by path too. Leaves are matched by path,
+    so two leaves that share a path string (a dict key ``"a/b"`` and a nested
+    ``a`` → ``b``) are a ``ValueError``. :func:`save_trainable` writes it;
     :func:`check_manifest` compares it with a current freeze. Use the two
     directly to add the manifest to your own ``orbax`` ``CheckpointManager``
     items (``ocp.args.JsonSave(manifest)``).
@@ -105,14 +170,11 @@ def freeze_manifest(
     "paths('a')"
     """
     sel = as_selector(frozen)
-    flat, masks = sel.masks(params)
+    flat = _Flat.of(params)
+    _refuse_shared_paths(flat.paths, "params")
     leaves = []
-    for (path, x), m in zip(flat.entries, masks):
-        entry: dict[str, Any] = {
-            "path": path,
-            "shape": list(getattr(x, "shape", ())),
-            "dtype": str(np.dtype(x.dtype)) if _is_array(x) else type(x).__name__,
-        }
+    for (path, x), m in zip(flat.entries, sel.evaluate(flat)):
+        entry: dict[str, Any] = {"path": path, **_describe(x)}
         if m is True:
             entry["status"] = "frozen"
         elif m is False:
@@ -130,11 +192,8 @@ def freeze_manifest(
             leaves[i]["fingerprint"] = fp
     state = None
     if opt_state is not None:
-        state = [
-            {"path": p, "shape": list(getattr(x, "shape", ())),
-             "dtype": str(np.dtype(x.dtype)) if _is_array(x) else type(x).__name__}
-            for p, x in _leaf_paths(opt_state)
-        ]
+        state = _state_entries(opt_state)
+        _refuse_shared_paths([e["path"] for e in state], "optimizer state")
     import jfreeze
 
     return {
@@ -155,6 +214,63 @@ def _list(problems: list[str]) -> str:
     return shown + (f"\n  ... and {more} more" if more > 0 else "")
 
 
+_STATUSES = ("frozen", "trainable", "partial")
+
+
+def _entry_problem(e: Any, include_frozen: bool, state: bool) -> str | None:
+    """What is wrong with one leaf entry of a manifest, or None."""
+    if not isinstance(e, dict):
+        return f"is {e!r:.60}, not an object"
+    if not isinstance(e.get("path"), str):
+        return "has no 'path' string"
+    shape = e.get("shape")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        return f"has 'shape' {shape!r:.60}, not a list of sizes"
+    if not isinstance(e.get("dtype"), str):
+        return "has no 'dtype' string"
+    if state:
+        return None
+    status = e.get("status")
+    if status not in _STATUSES:
+        return f"has 'status' {status!r:.60}, not one of {_STATUSES}"
+    if type(e.get("saved")) is not bool or e["saved"] != (status != "frozen" or include_frozen):
+        return f"has 'saved' {e.get('saved')!r:.60}, which contradicts its status {status!r}"
+    if status == "partial" and not (
+        isinstance(e.get("mask_sha256"), str) and type(e.get("frozen_elements")) is int
+    ):
+        return "is partially frozen without a 'mask_sha256' string and 'frozen_elements' count"
+    if not isinstance(e.get("fingerprint", ""), str):
+        return "has a 'fingerprint' that is not a string"
+    return None
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """What is wrong with a manifest (read back from disk: anything JSON can hold), or None."""
+    if not isinstance(m, dict):
+        return f"it is {m!r:.60}, not a JSON object"
+    if m.get("format") != FORMAT:
+        return f"its 'format' is {m.get('format')!r:.60}, not {FORMAT!r}"
+    version = m.get("version")
+    if type(version) is not int or version < 1:
+        return f"its 'version' is {version!r:.60}, not a positive integer"
+    if version > VERSION:
+        return f"its 'version' is {version}; this jfreeze reads up to version {VERSION}"
+    for key, types, what in [("selector", str, "a string"), ("include_frozen", bool, "a bool"),
+                             ("frozen_source", (str, type(None)), "a string or null"),
+                             ("params", list, "a list"), ("opt_state", (list, type(None)),
+                                                          "a list or null")]:
+        if key not in m:
+            return f"it has no {key!r}"
+        if not isinstance(m[key], types):
+            return f"its {key!r} is {m[key]!r:.60}, not {what}"
+    for key in ("params", "opt_state"):
+        for i, e in enumerate(m[key] or []):
+            problem = _entry_problem(e, m["include_frozen"], state=key == "opt_state")
+            if problem:
+                return f"{key}[{i}] " + problem
+    return None
+
+
 def check_manifest(
     manifest: dict,
     params: Any,
@@ -170,6 +286,11 @@ def check_manifest(
     optimizer state's paths, shapes and dtypes (if both are given); and, with
     ``verify_frozen``, the values of frozen leaves that were not saved (their
     fingerprint), since the resumed run will use the ones in ``params``.
+    Leaves are compared by path, so the same leaves in another order (fields
+    reordered in a refactor) are no difference: :func:`restore_trainable` reads
+    them back by path as well. A manifest that is not one jfreeze wrote (wrong
+    format, newer version, missing or ill-typed fields), or two leaves sharing
+    a path string, is a ``ValueError`` too.
 
     >>> import jax.numpy as jnp
     >>> import jfreeze as jf
@@ -181,12 +302,11 @@ def check_manifest(
       - 'a': frozen when saved, trainable now
       - 'b': trainable when saved, frozen now
     """
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"not a jfreeze trainable-only checkpoint manifest: {manifest!r:.200}")
-    if manifest.get("version", 0) > VERSION:
-        raise ValueError(
-            f"the manifest has version {manifest['version']}; this jfreeze reads up to {VERSION}"
-        )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ValueError(f"not a valid jfreeze trainable-only checkpoint manifest: {problem}")
+    for key, what in [("params", "saved params"), ("opt_state", "saved optimizer state")]:
+        _refuse_shared_paths([e["path"] for e in manifest[key] or []], what)
     now = freeze_manifest(params, frozen=frozen, fingerprint=False)
     was = {e["path"]: e for e in manifest["params"]}
     cur = {e["path"]: e for e in now["params"]}
@@ -219,14 +339,11 @@ def check_manifest(
         )
     if opt_state is not None and manifest.get("opt_state") is not None:
         saved_state = manifest["opt_state"]
-        cur_state = [
-            {"path": p, "shape": list(getattr(x, "shape", ())),
-             "dtype": str(np.dtype(x.dtype)) if _is_array(x) else type(x).__name__}
-            for p, x in _leaf_paths(opt_state)
-        ]
-        if saved_state != cur_state:
-            was_s = {e["path"]: f"{e['dtype']}{e['shape']}" for e in saved_state}
-            now_s = {e["path"]: f"{e['dtype']}{e['shape']}" for e in cur_state}
+        cur_state = _state_entries(opt_state)
+        _refuse_shared_paths([e["path"] for e in cur_state], "optimizer state")
+        was_s = {e["path"]: f"{e['dtype']}{e['shape']}" for e in saved_state}
+        now_s = {e["path"]: f"{e['dtype']}{e['shape']}" for e in cur_state}
+        if was_s != now_s:  # by path: the same leaves in another order are read back by path
             diff = [f"{p!r}: in the saved state only ({t})" for p, t in was_s.items()
                     if p not in now_s]
             diff += [f"{p!r}: in the current state only ({t})" for p, t in now_s.items()
@@ -236,7 +353,7 @@ def check_manifest(
             raise ValueError(
                 f"the optimizer state does not match the one saved ({len(saved_state)} leaves "
                 f"saved, {len(cur_state)} now): another optimizer, or another freeze inside "
-                "it:\n" + _list(diff or ["the leaves are the same but in another order"])
+                "it:\n" + _list(diff)
             )
     if verify_frozen:
         flat = _Flat.of(params)
@@ -349,58 +466,74 @@ def restore_trainable(
     the manifest is checked against the current freeze (:func:`check_manifest`):
     a leaf frozen then and trainable now, another element mask, another
     optimizer state, other frozen weights, each is a ``ValueError`` naming the
-    paths. A run resumed this way continues bit for bit.
+    paths. Every leaf, of the params and of the optimizer state, is read back
+    by its path, never by its position: the same paths in another order
+    (NamedTuple, dataclass or Equinox fields reordered) restore into the right
+    leaves. A damaged manifest (truncated, edited, from a newer jfreeze) is a
+    ``ValueError`` naming the checkpoint. A run resumed this way continues bit
+    for bit.
 
     Returns:
       ``(params, opt_state)``; ``opt_state`` is None if none was given.
     """
     ocp = _ocp()
     path = os.path.abspath(directory)
+    where = f"jf.restore_trainable({str(directory)!r})"
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{where}: no checkpoint at {path!r}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        manifest = ckptr.restore(path, ocp.args.Composite(manifest=ocp.args.JsonRestore())).manifest
+        try:
+            manifest = ckptr.restore(
+                path, ocp.args.Composite(manifest=ocp.args.JsonRestore())).manifest
+        except FileNotFoundError:
+            raise ValueError(f"{where}: not a jfreeze trainable-only checkpoint (it holds no "
+                             "manifest)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: its manifest is not valid JSON ({e})") from None
         try:
             check_manifest(manifest, params, frozen=frozen, opt_state=opt_state,
                            verify_frozen=verify_frozen)
         except ValueError as e:
-            raise ValueError(f"jf.restore_trainable({str(directory)!r}): {e}") from None
+            raise ValueError(f"{where}: {e}") from None
         if opt_state is not None and manifest["opt_state"] is None:
-            raise ValueError(f"the checkpoint at {path!r} holds no optimizer state")
+            raise ValueError(f"{where}: the checkpoint holds no optimizer state")
+        # Everything is matched by path (check_manifest made sure that the paths
+        # are the same and unique); the on-disk keys p{i} / s{i} are the
+        # positions of the manifest's entries.
+        saved_as = {e["path"]: f"p{i}" for i, e in enumerate(manifest["params"]) if e["saved"]}
         flat = _Flat.of(params)
-        entries = manifest["params"]
-        missing = [
-            p for (p, x), e in zip(flat.entries, entries)
-            if not e["saved"] and not isinstance(x, jax.Array | np.ndarray)
-        ]
+        missing = [p for p, x in flat.entries
+                   if p not in saved_as and not isinstance(x, jax.Array | np.ndarray)]
         if missing:
             source = manifest.get("frozen_source")
             raise ValueError(
-                f"the frozen leaves at {describe_paths(missing)} are not in the checkpoint"
+                f"{where}: the frozen leaves at {describe_paths(missing)} are not in the "
+                "checkpoint"
                 + (f" (saved by reference to {source!r})" if source else "")
                 + "; pass params that hold their values."
             )
         target: dict[str, Any] = {}
-        wanted = {f"p{i}": _abstract(x) for i, ((_, x), e) in enumerate(zip(flat.entries, entries))
-                  if e["saved"]}
+        wanted = {saved_as[p]: _abstract(x) for p, x in flat.entries if p in saved_as}
         if wanted:
             target["params"] = ocp.args.StandardRestore(wanted)
-        state_leaves, state_def = [], None
+        state_flat, state_def = [], None
         if opt_state is not None:
-            state_leaves, state_def = jax.tree_util.tree_flatten(opt_state)
-            if state_leaves:
+            state_flat, state_def = jax.tree_util.tree_flatten_with_path(opt_state)
+            state_flat = [(path_str(p), x) for p, x in state_flat]
+            state_as = {e["path"]: f"s{i}" for i, e in enumerate(manifest["opt_state"])}
+            if state_flat:
                 target["opt_state"] = ocp.args.StandardRestore(
-                    {f"s{i}": _abstract(x if _is_array(x) else jnp.asarray(x))
-                     for i, x in enumerate(state_leaves)}
+                    {state_as[p]: _abstract(x if _is_array(x) else jnp.asarray(x))
+                     for p, x in state_flat}
                 )
         got = ckptr.restore(path, ocp.args.Composite(**target)) if target else {}
-    new_params = [
-        got["params"][f"p{i}"] if e["saved"] else x
-        for i, ((_, x), e) in enumerate(zip(flat.entries, entries))
-    ]
-    params = flat.unflatten(new_params)
+    params = flat.unflatten(
+        [got["params"][saved_as[p]] if p in saved_as else x for p, x in flat.entries]
+    )
     if opt_state is None:
         return params, None
-    new_state = [
-        got["opt_state"][f"s{i}"] if _is_array(x) else type(x)(got["opt_state"][f"s{i}"].item())
-        for i, x in enumerate(state_leaves)
-    ]
+    new_state = []
+    for p, x in state_flat:
+        value = got["opt_state"][state_as[p]]
+        new_state.append(value if _is_array(x) else type(x)(value.item()))
     return params, jax.tree_util.tree_unflatten(state_def, new_state)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import optax
 import pytest
 
 import jfreeze as jf
+from strategies import bits
 
 pytest.importorskip("orbax.checkpoint")
 
@@ -154,3 +156,142 @@ def test_include_frozen_restores_from_shapes(tmp_path):
 def test_import_jfreeze_does_not_import_orbax():
     code = "import sys, jfreeze; sys.exit(any(m.startswith('orbax') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# --------------------------------------------------------------------------
+# Restored by path, never by position.
+
+
+class Attn(NamedTuple):
+    q: jax.Array
+    k: jax.Array
+
+
+class AttnRefactored(NamedTuple):  # the same fields, declared in another order
+    k: jax.Array
+    q: jax.Array
+
+
+def test_restore_matches_leaves_by_path_when_fields_are_reordered(tmp_path):
+    params = {"attn": Attn(q=jnp.full(2, 1.0), k=jnp.full(2, 2.0)), "emb": jnp.full(3, 3.0)}
+    tx = optax.adam(0.1)
+    state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)[1]
+    jf.save_trainable(tmp_path / "c", params, state, frozen=jf.paths("emb"))
+    # After the refactor: the same paths, flattened in another order.
+    template = {"attn": AttnRefactored(q=jnp.zeros(2), k=jnp.zeros(2)), "emb": params["emb"]}
+    got, _ = jf.restore_trainable(tmp_path / "c", template, frozen=jf.paths("emb"))
+    np.testing.assert_array_equal(got["attn"].q, [1.0, 1.0])
+    np.testing.assert_array_equal(got["attn"].k, [2.0, 2.0])
+    got, got_state = jf.restore_trainable(
+        tmp_path / "c", template, tx.init(template), frozen=jf.paths("emb"))
+    assert isinstance(got["attn"], AttnRefactored)
+    np.testing.assert_array_equal(got["attn"].q, [1.0, 1.0])
+    np.testing.assert_array_equal(got["attn"].k, [2.0, 2.0])
+    for name in ("q", "k"):  # the optimizer state too, leaf by leaf
+        for part in ("mu", "nu"):
+            np.testing.assert_array_equal(getattr(getattr(got_state[0], part)["attn"], name),
+                                          getattr(getattr(state[0], part)["attn"], name))
+
+
+def test_two_leaves_sharing_a_path_are_refused_naming_it(tmp_path):
+    shared = {"a/b": jnp.ones(2), "a": {"b": jnp.zeros(2)}, "c": jnp.ones(1)}
+    ok = {"a": {"b": jnp.zeros(2)}, "c": jnp.ones(1)}
+    with pytest.raises(ValueError, match=r"share the path 'a/b'"):
+        jf.freeze_manifest(shared, frozen=jf.paths("c"))
+    with pytest.raises(ValueError, match=r"share the path 'a/b'"):
+        jf.save_trainable(tmp_path / "c", shared, frozen=jf.paths("c"))
+    with pytest.raises(ValueError, match=r"optimizer state share the path 'a/b'"):
+        jf.save_trainable(tmp_path / "c", ok, shared, frozen=jf.paths("c"))
+    jf.save_trainable(tmp_path / "ok", ok, ok, frozen=jf.paths("c"))
+    with pytest.raises(ValueError, match=r"restore_trainable.*share the path 'a/b'"):
+        jf.restore_trainable(tmp_path / "ok", shared, frozen=jf.paths("c"))
+    with pytest.raises(ValueError, match=r"restore_trainable.*state share the path 'a/b'"):
+        jf.restore_trainable(tmp_path / "ok", ok, shared, frozen=jf.paths("c"))
+
+
+# --------------------------------------------------------------------------
+# Fingerprints see every bit of every dtype.
+
+
+def test_frozen_complex_leaf_is_fingerprinted_by_its_bits(tmp_path):
+    z = jnp.asarray(np.array([1 + 2j, complex(3, -0.0)], np.complex64))
+    params = {"z": z, "w": jnp.ones(2)}
+    jf.save_trainable(tmp_path / "c", params, frozen=jf.paths("z"))
+    jf.restore_trainable(tmp_path / "c", params, frozen=jf.paths("z"))
+    flipped = {**params, "z": jnp.asarray(np.array([1 + 2j, complex(3, 0.0)], np.complex64))}
+    with pytest.raises(ValueError, match=r"'z' differ"):  # only the sign of an imaginary zero
+        jf.restore_trainable(tmp_path / "c", flipped, frozen=jf.paths("z"))
+
+
+# --------------------------------------------------------------------------
+# A damaged manifest is a clear error naming the checkpoint.
+
+
+@pytest.fixture
+def small_ckpt(tmp_path):
+    params = {"a": jnp.ones(2), "b": jnp.zeros(3)}
+    jf.save_trainable(tmp_path / "c", params, frozen=jf.paths("a"))
+    return tmp_path / "c", params
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda text: text[: len(text) // 2], "not valid JSON"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "params"}),
+     "'params'"),
+    (lambda text: json.dumps({**json.loads(text), "version": "2"}), "'version'"),
+])
+def test_damaged_manifest_is_a_clear_error_naming_the_checkpoint(small_ckpt, damage, what):
+    directory, params = small_ckpt
+    metadata = directory / "manifest" / "metadata"
+    metadata.write_text(damage(metadata.read_text()))
+    with pytest.raises(ValueError, match=str(directory)) as info:
+        jf.restore_trainable(directory, params, frozen=jf.paths("a"))
+    assert what in str(info.value)
+
+
+# --------------------------------------------------------------------------
+# Equinox modules as params (None holes where non-arrays were).
+
+
+def test_equinox_mlp_round_trip_with_a_frozen_layer(tmp_path):
+    eqx = pytest.importorskip("equinox")
+    model = eqx.filter(eqx.nn.MLP(3, 2, 4, 2, key=jax.random.PRNGKey(0)), eqx.is_array)
+    frozen = jf.paths("layers/0/**")
+    tx = optax.adam(0.1)
+    state = tx.update(jax.tree.map(jnp.ones_like, model), tx.init(model), model)[1]
+    manifest = jf.save_trainable(tmp_path / "c", model, state, frozen=frozen)
+    assert [e["path"] for e in manifest["params"] if e["status"] == "frozen"] == [
+        "layers/0/weight", "layers/0/bias"]
+    # A fresh process: the frozen layer from its source, the rest freshly initialised.
+    fresh = eqx.filter(eqx.nn.MLP(3, 2, 4, 2, key=jax.random.PRNGKey(1)), eqx.is_array)
+    fresh = eqx.tree_at(lambda m: m.layers[0], fresh, model.layers[0])
+    got, got_state = jf.restore_trainable(tmp_path / "c", fresh, tx.init(fresh), frozen=frozen)
+    assert jax.tree.structure(got) == jax.tree.structure(model)
+    for a, b in zip(jax.tree.leaves((got, got_state)), jax.tree.leaves((model, state))):
+        np.testing.assert_array_equal(bits(a), bits(b))
+    jf.check_manifest(manifest, got, frozen=frozen, opt_state=got_state)
+    moved = eqx.tree_at(lambda m: m.layers[0].weight, fresh, fresh.layers[0].weight + 1)
+    with pytest.raises(ValueError, match=r"'layers/0/weight' differ"):
+        jf.restore_trainable(tmp_path / "c", moved, None, frozen=frozen)
+
+
+def test_equinox_fields_reordered_restore_by_path(tmp_path):
+    eqx = pytest.importorskip("equinox")
+
+    class Block(eqx.Module):
+        q: jax.Array
+        k: jax.Array
+        act: object = jax.nn.relu
+
+    class BlockRefactored(eqx.Module):
+        k: jax.Array
+        q: jax.Array
+        act: object = jax.nn.relu
+
+    saved = eqx.filter(Block(jnp.full(2, 1.0), jnp.full(2, 2.0)), eqx.is_array)
+    jf.save_trainable(tmp_path / "c", saved, frozen=jf.nothing)
+    template = eqx.filter(BlockRefactored(jnp.zeros(2), jnp.zeros(2)), eqx.is_array)
+    got, _ = jf.restore_trainable(tmp_path / "c", template, frozen=jf.nothing)
+    assert got.act is None  # the hole stays a hole
+    np.testing.assert_array_equal(got.q, [1.0, 1.0])
+    np.testing.assert_array_equal(got.k, [2.0, 2.0])
