@@ -8,13 +8,19 @@ attributes by name, joined with ``/``, e.g. ``backbone/layers/0/kernel``.
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import functools
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 from jax import tree_util as jtu
 
-__all__ = ["path_str", "leaves_with_paths", "closest", "broadcast_prefix"]
+__all__ = [
+    "path_str", "leaves_with_paths", "closest", "broadcast_prefix", "compile_glob",
+    "check_unique_paths",
+]
 
 
 def _key_str(key: Any) -> str:
@@ -56,6 +62,45 @@ def leaves_with_paths(tree: Any, is_leaf=None) -> tuple[list[tuple[str, Any]], A
     """
     flat, treedef = jtu.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(path_str(p), leaf) for p, leaf in flat], treedef
+
+
+def check_unique_paths(key_paths: Iterable[Any]) -> list[str]:
+    """The path strings of ``key_paths``; a ``ValueError`` if two spell the same.
+
+    A dict key holding ``/`` spells the same path as nested keys (``{"enc/w": ..}``
+    and ``{"enc": {"w": ..}}`` are both ``enc/w``), so no pattern could tell the
+    two leaves apart: such a tree is refused rather than half-selected.
+
+    >>> import jax
+    >>> kps = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(
+    ...     {"enc/w": 1.0, "enc": {"w": 2.0}})[0]]
+    >>> check_unique_paths(kps)
+    Traceback (most recent call last):
+    ...
+    ValueError: two leaves share the path 'enc/w': key paths ['enc']['w'] and ['enc/w']. ...
+    """
+    seen: dict[str, Any] = {}
+    out = []
+    for kp in key_paths:
+        s = path_str(kp)
+        if s in seen:
+            raise ValueError(
+                f"two leaves share the path {s!r}: key paths {_keystr(seen[s])} and "
+                f"{_keystr(kp)}. A key holding '/' spells the same path as nested keys, "
+                "so no pattern can tell them apart; rename the key (e.g. 'enc.w') or "
+                "nest it."
+            )
+        seen[s] = kp
+        out.append(s)
+    return out
+
+
+_JAX_KEYS = (jtu.DictKey, jtu.SequenceKey, jtu.GetAttrKey, jtu.FlattenedIndexKey)
+
+
+def _keystr(kp: Iterable[Any]) -> str:
+    # JAX's own spelling (['enc']['w'], [0], .attr) shows where each key ends.
+    return "".join(str(k) if isinstance(k, _JAX_KEYS) else f"[{k!r}]" for k in kp) or "(root)"
 
 
 def _candidates(paths: Sequence[str]) -> list[str]:
@@ -171,3 +216,128 @@ def _node_mismatch(prefix: Any, tree: Any, path: tuple, is_hole) -> tuple | None
         if found is not None:
             return found
     return None
+
+
+# --------------------------------------------------------------------------
+# Globs, matched segment by segment: O(len(glob) * len(path)) steps, never the
+# exponential backtracking of a regex with nested unbounded quantifiers.
+
+_STAR, _ANY, _DEEP = ("*",), ("?",), ("**",)  # tokens; a 1-char str is a literal
+
+
+def _segment_tokens(seg: str) -> tuple:
+    """One glob segment as tokens: ``_STAR``, ``_ANY``, literal chars, classes."""
+    out: list = []
+    i, n = 0, len(seg)
+    while i < n:
+        c = seg[i]
+        i += 1
+        if c == "*":
+            if not out or out[-1] is not _STAR:  # "**" inside a segment is "*"
+                out.append(_STAR)
+        elif c == "?":
+            out.append(_ANY)
+        elif c == "[":
+            j = i  # where the class ends, by fnmatch's own rule
+            if j < n and seg[j] == "!":
+                j += 1
+            if j < n and seg[j] == "]":
+                j += 1
+            while j < n and seg[j] != "]":
+                j += 1
+            if j >= n:
+                out.append("[")  # no closing "]" in this segment: a literal "["
+            else:
+                # fnmatch compiles the class: "!" negates, "^" is literal, ranges.
+                out.append(re.compile(fnmatch.translate(seg[i - 1 : j + 1])))
+                i = j + 1
+        else:
+            out.append(c)
+    return tuple(out)
+
+
+def _advance_stars(states: set, tokens: Sequence) -> set:
+    # A star (or "**" segment) may match nothing: also be past it (and past the
+    # stars after it). Each position is added once, so this stays linear.
+    out = set(states)
+    for i in sorted(states):
+        while i < len(tokens) and (tokens[i] is _STAR or tokens[i] is _DEEP) and i + 1 not in out:
+            i += 1
+            out.add(i)
+    return out
+
+
+class Glob:
+    """A compiled glob; :meth:`fullmatch` tells whether a path string matches.
+
+    Matching simulates the pattern as a set of states (a Thompson NFA), first
+    over ``/``-separated segments, then over the characters of one segment, so
+    every path is matched in at most ``(len(glob) + 1) * (len(path) + 1)`` steps.
+    """
+
+    def __init__(self, glob: str):
+        self.glob = glob
+        self.literal = not any(c in glob for c in "*?[")
+        self.parts = tuple(_DEEP if s == "**" else _segment_tokens(s) for s in glob.split("/"))
+
+    def fullmatch(self, path: str) -> bool:
+        """True if ``path`` matches the whole glob."""
+        return path == self.glob if self.literal else self.match_counting(path)[0]
+
+    def match_counting(self, path: str) -> tuple[bool, int]:
+        """``(matched, steps)``: steps counts state transitions, for tests."""
+        steps = 0
+        states = _advance_stars({0}, self.parts)
+        for seg in path.split("/"):
+            nxt = set()
+            for i in states:
+                steps += 1
+                if i == len(self.parts):
+                    continue
+                part = self.parts[i]
+                if part is _DEEP:
+                    nxt.add(i)  # "**" takes this segment and may take more
+                else:
+                    ok, k = _match_segment(part, seg)
+                    steps += k
+                    if ok:
+                        nxt.add(i + 1)
+            states = _advance_stars(nxt, self.parts)
+            if not states:
+                break
+        return len(self.parts) in states, steps
+
+    def __repr__(self):
+        return f"Glob({self.glob!r})"
+
+
+def _match_segment(tokens: tuple, seg: str) -> tuple[bool, int]:
+    steps = 0
+    states = _advance_stars({0}, tokens)
+    for c in seg:
+        nxt = set()
+        for i in states:
+            steps += 1
+            if i == len(tokens):
+                continue
+            t = tokens[i]
+            if t is _STAR:
+                nxt.add(i)
+            elif t is _ANY or t == c or (isinstance(t, re.Pattern) and t.match(c)):
+                nxt.add(i + 1)
+        states = _advance_stars(nxt, tokens)
+        if not states:
+            return False, steps
+    return len(tokens) in states, steps
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_glob(glob: str) -> Glob:
+    """The compiled form of a ``jf.paths`` glob (cached).
+
+    >>> compile_glob("enc/**/k*").fullmatch("enc/layers/0/kernel")
+    True
+    >>> compile_glob("a[!b]c").fullmatch("a/c")  # no class, star or ? crosses '/'
+    False
+    """
+    return Glob(glob)

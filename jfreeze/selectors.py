@@ -22,7 +22,15 @@ import jax
 import numpy as np
 import optax
 
-from jfreeze.paths import broadcast_prefix, closest, describe_paths, path_str, shape_dtype
+from jfreeze.paths import (
+    Glob,
+    broadcast_prefix,
+    check_unique_paths,
+    closest,
+    compile_glob,
+    describe_paths,
+    shape_dtype,
+)
 
 __all__ = [
     "Selector",
@@ -74,12 +82,15 @@ class _Flat:
     @classmethod
     def of(cls, tree: Any) -> "_Flat":
         flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_flat_leaf)
+        # Two leaves spelled alike ({"enc/w": ..} and {"enc": {"w": ..}}) could
+        # never be told apart by a pattern: refuse the tree, naming both.
+        spelled = check_unique_paths(p for p, _ in flat)
         entries, holes = [], []
-        for p, x in flat:
+        for p, (_, x) in zip(spelled, flat):
             if _is_placeholder(x):
-                holes.append(path_str(p))
+                holes.append(p)
             else:
-                entries.append((path_str(p), x))
+                entries.append((p, x))
         return cls(entries, holes, [x for _, x in flat], treedef, tree)
 
     @property
@@ -156,6 +167,11 @@ def _bool_mask(value: Any, leaf: Any, where_: str) -> Mask:
     """Checks one mask value (bool or bool array) against one leaf."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
+    if value is None:
+        raise TypeError(
+            f"{where_}: the mask must be boolean (True = selected), got None: does the "
+            "function forget to return?"
+        )
     value = _concrete(value, where_)
     if not isinstance(value, np.ndarray) or value.dtype != np.bool_:
         got = (
@@ -189,48 +205,6 @@ def _bool_mask(value: Any, leaf: Any, where_: str) -> Mask:
 
 
 @functools.lru_cache(maxsize=4096)
-def _glob_regex(glob: str) -> re.Pattern:
-    """``*`` one segment, ``**`` any number of segments, ``?`` one char, ``[..]``."""
-    out, i, n = [], 0, len(glob)
-    while i < n:
-        c = glob[i]
-        if glob.startswith("**", i):
-            before = i == 0 or glob[i - 1] == "/"
-            after = i + 2 == n or glob[i + 2] == "/"
-            if before and after and i + 2 < n:  # "**/" : zero or more segments
-                out.append("(?:[^/]+/)*")
-                i += 3
-                continue
-            if before and after and i > 0:  # trailing "/**": the node or below
-                out[-1] = "(?:/.*)?"  # replace the "/" just emitted
-                i += 2
-                continue
-            out.append(".*")
-            i += 2
-        elif c == "*":
-            out.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out.append("[^/]")
-            i += 1
-        elif c == "[":
-            j = glob.find("]", i + 2)
-            if j < 0:
-                out.append(re.escape(c))
-                i += 1
-            else:
-                body = glob[i + 1 : j]
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append("[" + body.replace("\\", "\\\\") + "]")
-                i = j + 1
-        else:
-            out.append(re.escape(c))
-            i += 1
-    return re.compile("".join(out))
-
-
-@functools.lru_cache(maxsize=4096)
 def _compile_regex(pattern: str) -> re.Pattern:
     return re.compile(pattern)
 
@@ -246,6 +220,33 @@ def _check_strict(sel: "Selector", flat: _Flat) -> None:
                 f"{describe_paths(near)}. Paths are '/'-joined keys (see "
                 "jf.summary(params)); pass strict=False to allow a pattern that "
                 "matches nothing."
+            )
+
+
+def _check_same_answer(sel: "Selector", flat: _Flat, masks: list[Mask], like: Any) -> None:
+    other_flat = _Flat.of(like)
+    other = dict(zip(other_flat.paths, sel.evaluate(other_flat)))
+    leaves = dict(other_flat.entries)
+
+    def kind(m: Mask) -> str:
+        return "selected" if m is True else "not selected" if m is False else "some elements"
+
+    def spell(x: Any) -> str:
+        x = shape_dtype(x)
+        return f"{x.dtype}{list(x.shape)}" if hasattr(x, "dtype") else type(x).__name__
+
+    for (path, x), m in zip(flat.entries, masks):
+        if path not in other:
+            continue
+        o = other[path]
+        same = (m is o) if isinstance(m, bool) or isinstance(o, bool) else np.array_equal(m, o)
+        if not same:
+            raise ValueError(
+                f"{sel!r} gives different answers for the two trees at path {path!r}: "
+                f"{kind(o)} on {spell(leaves[path])}, {kind(m)} on {spell(x)}. A selector "
+                "must answer the same for params and their updates; if it tests the dtype "
+                "(e.g. f32 params, bf16 gradients), test the path or shape instead, or "
+                "cast the gradients to the params' dtype."
             )
 
 
@@ -270,7 +271,7 @@ class Selector:
     def _masks(self, flat: _Flat) -> list[Mask]:
         return [self.leaf_mask(p, shape_dtype(x)) for p, x in flat.entries]
 
-    def _strict_patterns(self) -> Iterator[tuple[str, re.Pattern, str]]:
+    def _strict_patterns(self) -> Iterator[tuple[str, re.Pattern | Glob, str]]:
         return iter(())
 
     def evaluate(self, flat: _Flat) -> list[Mask]:
@@ -278,10 +279,23 @@ class Selector:
         _check_strict(self, flat)
         return [_simplify(m) for m in self._masks(flat)]
 
-    def masks(self, tree: Any) -> tuple[_Flat, list[Mask]]:
-        """Flattens ``tree`` and evaluates the selector on it."""
+    def masks(self, tree: Any, *, like: Any = None) -> tuple[_Flat, list[Mask]]:
+        """Flattens ``tree`` and evaluates the selector on it.
+
+        Args:
+          tree: the tree to select in (params, updates, ...).
+          like: optionally another tree with the same paths (the params, when
+            ``tree`` holds the updates). The selector must give the same answer
+            at every path both hold, else a ``ValueError`` names the path: a
+            selector that tests the dtype, on f32 params and bf16 gradients,
+            would otherwise route a leaf one way at ``init`` and another at
+            ``update``.
+        """
         flat = _Flat.of(tree)
-        return flat, self.evaluate(flat)
+        masks = self.evaluate(flat)
+        if like is not None:
+            _check_same_answer(self, flat, masks, like)
+        return flat, masks
 
     def __call__(self, tree: Any) -> Any:
         flat, masks = self.masks(tree)
@@ -306,12 +320,12 @@ class _Paths(Selector):
     strict: bool = True
 
     def leaf_mask(self, path, leaf):
-        return any(_glob_regex(g).fullmatch(path) for g in self.globs)
+        return any(compile_glob(g).fullmatch(path) for g in self.globs)
 
     def _strict_patterns(self):
         if self.strict:
             for g in self.globs:
-                yield f"jf.paths({g!r})", _glob_regex(g), g
+                yield f"jf.paths({g!r})", compile_glob(g), g
 
     def __repr__(self):
         args = ", ".join(map(repr, self.globs))
@@ -344,7 +358,9 @@ class _Where(Selector):
 
     def leaf_mask(self, path, leaf):
         try:
-            out = self.predicate(path, leaf)
+            # Outside any trace: shape-only jnp code gives concrete values under jit.
+            with jax.ensure_compile_time_eval():
+                out = self.predicate(path, leaf)
         except Exception as e:  # noqa: BLE001 - re-raised with the path named
             raise TypeError(
                 f"jf.where({_name(self.predicate)}) failed at path {path!r}: "
@@ -366,7 +382,72 @@ def _freeze_index(x: Any) -> Any:
         return (type(x).__name__, *map(_freeze_index, x))
     if isinstance(x, np.ndarray):
         return ("array", x.shape, x.dtype.str, x.tobytes())
+    if isinstance(x, jax.core.Tracer):
+        return ("traced", id(x))  # never equal to another value; hashable
+    if isinstance(x, (bool, int, float, complex, np.generic)):
+        return (type(x).__name__, x)  # True and 1 are different masks
     return x
+
+
+def _to_numpy(x: Any) -> Any:
+    """Concrete jax arrays and lists inside an index expression as NumPy arrays.
+
+    NumPy reads a list index as the array of it (``x[[0, 2]]`` is
+    ``x[np.array([0, 2])]``), so this keeps the meaning and makes it hashable.
+    """
+    if isinstance(x, tuple):
+        return tuple(map(_to_numpy, x))
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        x = np.asarray(x)
+    elif isinstance(x, list):
+        try:
+            x = np.asarray(x)
+        except ValueError:  # ragged: reported as "a list" when evaluated
+            return x
+    if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer):
+        return x.astype(np.intp)  # int32 and int64 positions are the same index
+    return x
+
+
+def _index_problem(x: Any, top: bool = True) -> str | None:
+    """What keeps ``x`` from being a NumPy index expression (None if it is one)."""
+    if top and isinstance(x, tuple):
+        return next(filter(None, (_index_problem(y, top=False) for y in x)), None)
+    if x is Ellipsis or isinstance(x, slice) or (x is None and not top):
+        return None
+    if isinstance(x, (int, np.integer, np.bool_)):
+        return None
+    if isinstance(x, np.ndarray) and (x.dtype == np.bool_ or np.issubdtype(x.dtype, np.integer)):
+        return None
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype} array" if x.ndim else f"{x.dtype} scalar"
+    return "None" if x is None else type(x).__name__
+
+
+def _element_mask(spec: Any, leaf: Any, where_: str) -> Mask:
+    """One leaf's mask from a bool / bool array (broadcast) or an index expression."""
+    spec = _to_numpy(_concrete(spec, where_) if isinstance(spec, jax.core.Tracer) else spec)
+    if isinstance(spec, (bool, np.bool_)) or (
+        isinstance(spec, np.ndarray) and spec.dtype == np.bool_
+    ):
+        return _bool_mask(spec, leaf, where_)
+    problem = _index_problem(spec)
+    if problem is not None:
+        hint = " (does the mask function forget to return?)" if spec is None else ""
+        raise TypeError(
+            f"{where_}: the mask must be boolean (True = selected) or an index "
+            f"expression such as np.s_[:, 0] or np.s_[np.array([0, 2])], got "
+            f"{problem}{hint}."
+        )
+    out = np.zeros(leaf.shape, dtype=bool)  # an index expression: mark its entries
+    try:
+        out[spec] = True
+    except (IndexError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"{where_}: index {_index_repr(spec)} does not fit the leaf's shape "
+            f"{tuple(leaf.shape)}: {e}"
+        ) from None
+    return _simplify(out)
 
 
 def _index_repr(x: Any) -> str:
@@ -378,6 +459,8 @@ def _index_repr(x: Any) -> str:
     if isinstance(x, tuple):
         return ", ".join(map(_index_repr, x)) if x else "()"
     if isinstance(x, np.ndarray):
+        if x.dtype != np.bool_ and x.size <= 8:
+            return f"np.array({x.tolist()})"
         return f"array(shape={x.shape}, dtype={x.dtype})"
     if callable(x):
         return _name(x)
@@ -390,8 +473,12 @@ class _Elements(Selector):
     mask: Any
     strict: bool = True
 
+    def __post_init__(self):
+        if not callable(self.mask):  # hashable, value-compared, never a jax.Array
+            object.__setattr__(self, "mask", _to_numpy(self.mask))
+
     def leaf_mask(self, path, leaf):
-        if not _glob_regex(self.glob).fullmatch(path):
+        if not compile_glob(self.glob).fullmatch(path):
             return False
         where_ = f"jf.elements({self.glob!r}) at path {path!r}"
         shape = getattr(leaf, "shape", None)
@@ -402,22 +489,21 @@ class _Elements(Selector):
             )
         spec = self.mask
         if callable(spec):
-            spec = spec(leaf)
-        if isinstance(spec, (bool, np.bool_, np.ndarray, jax.Array)):
-            return _bool_mask(spec, leaf, where_)
-        out = np.zeros(shape, dtype=bool)  # an index expression: mark its entries
-        try:
-            out[spec] = True
-        except (IndexError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"{where_}: index {_index_repr(spec)} does not fit the leaf's shape "
-                f"{tuple(shape)}: {e}"
-            ) from None
-        return _simplify(out)
+            try:
+                # Outside any trace: shape-only jnp code gives concrete values under jit.
+                with jax.ensure_compile_time_eval():
+                    spec = spec(leaf)
+            except Exception as e:  # noqa: BLE001 - re-raised with the path named
+                raise TypeError(
+                    f"{where_}: the mask function {_name(spec)} failed: {type(e).__name__}: "
+                    f"{e}. It receives a jax.ShapeDtypeStruct: it may use the shape and "
+                    "dtype, never the values."
+                ) from e
+        return _element_mask(spec, leaf, where_)
 
     def _strict_patterns(self):
         if self.strict:
-            yield f"jf.elements({self.glob!r}, ...)", _glob_regex(self.glob), self.glob
+            yield f"jf.elements({self.glob!r}, ...)", compile_glob(self.glob), self.glob
 
     def __eq__(self, other):
         return isinstance(other, _Elements) and self._key() == other._key()
@@ -509,7 +595,10 @@ class _MaskTree(Selector):
     spec: Any
 
     def _masks(self, flat):
-        spec = self.spec(flat.tree) if callable(self.spec) else self.spec
+        spec = self.spec
+        if callable(spec):
+            with jax.ensure_compile_time_eval():  # shape-only jnp code stays concrete
+                spec = spec(flat.tree)
         values = broadcast_prefix(spec, flat.tree, what="mask", is_hole=_is_placeholder)
         return [
             _bool_mask(m, shape_dtype(x), f"mask at path {p!r}")
@@ -523,11 +612,25 @@ class _MaskTree(Selector):
             "at a time"
         )
 
+    def __post_init__(self):
+        if not callable(self.spec):  # concrete jax arrays as NumPy: hashable by value
+            object.__setattr__(self, "spec", jax.tree.map(_to_numpy, self.spec))
+
+    def _key(self):
+        if callable(self.spec):
+            return ("fn", self.spec)
+        leaves, treedef = jax.tree_util.tree_flatten(self.spec)
+        return ("tree", treedef, tuple(map(_freeze_index, leaves)))
+
     def __eq__(self, other):
-        return isinstance(other, _MaskTree) and self.spec is other.spec
+        return isinstance(other, _MaskTree) and (
+            self.spec is other.spec or self._key() == other._key())
 
     def __hash__(self):
-        return id(self.spec)
+        try:
+            return hash(self._key())
+        except TypeError:  # a leaf that is not a mask: evaluation will say so
+            return id(self.spec)
 
     def __repr__(self):
         return f"mask({_name(self.spec) if callable(self.spec) else self.spec!r})"

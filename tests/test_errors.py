@@ -5,10 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import hypothesis.strategies as st
 import optax
 import pytest
+from hypothesis import given
 
 import jfreeze as jf
+from strategies import property_settings
 
 
 def make_params():
@@ -186,10 +189,18 @@ def test_where_that_reads_values():
     assert "at path 'backbone/layers/0/bias'" in msg and "never the values" in msg
 
 
-def test_where_that_builds_traced_values_under_jit():
+def test_where_that_uses_traced_values_under_jit():
+    # jnp code on the shape is fine under jit (evaluated outside the trace); a
+    # predicate that closes over a traced value is not, and says where.
     sel = jf.where(lambda path, leaf: jnp.zeros(leaf.shape).sum() == 0)
+    assert jax.jit(lambda p: jf.stop_gradient(p, frozen=sel))(make_params())
+
+    def step(params, t):
+        sel = jf.where(lambda path, leaf: t > 0)
+        return jf.stop_gradient(params, frozen=sel)
+
     with pytest.raises(TypeError, match="at path 'backbone/layers/0/bias'.*traced values"):
-        jax.jit(lambda p: jf.stop_gradient(p, frozen=sel))(make_params())
+        jax.jit(step)(make_params(), 1.0)
 
 
 @pytest.mark.parametrize("leaf", ["a string", 1.5], ids=["str", "python_float"])
@@ -242,3 +253,89 @@ def test_split_updates_against_state_built_from_full_params():
     # Built from the trainable half, the same update works and leaves no hole behind.
     updates, _ = tx.update(trainable, tx.init(trainable), trainable)
     assert updates["a"] is None and updates["b"].shape == (2,)
+
+
+# --------------------------------------------------------------------------
+# What a mask function (or jf.where predicate) may return.
+
+
+def test_mask_function_returning_none_names_the_path():
+    # A forgotten `return`: None would be read as np.newaxis and freeze all 6.
+    def forgot(leaf):
+        np.arange(leaf.shape[-1]) == 0  # noqa: B015
+
+    with pytest.raises(TypeError) as e:
+        jf.elements("head/kernel", forgot)(make_params())
+    assert "at path 'head/kernel'" in str(e.value) and "got None" in str(e.value)
+    with pytest.raises(TypeError, match="at path 'backbone/layers/0/bias'.*got None"):
+        jf.where(lambda path, leaf: None)(make_params())
+    with pytest.raises(TypeError, match="'head/kernel'.*got None"):
+        jf.freeze(optax.adam(1e-3), frozen=jf.elements("head/kernel", forgot)).init(make_params())
+
+
+def test_mask_function_that_raises_names_the_path():
+    with pytest.raises(TypeError, match=r"at path 'head/kernel'.*mask function.*ZeroDivision"):
+        jf.elements("head/kernel", lambda leaf: 1 // 0)(make_params())
+
+
+class _Weird:
+    pass
+
+
+# Returns that are neither a bool / bool array nor a NumPy index expression.
+not_a_mask = st.one_of(
+    st.none(),
+    st.text(max_size=3),
+    st.floats(allow_nan=False),
+    st.complex_numbers(max_magnitude=3),
+    st.dictionaries(st.text(max_size=2), st.booleans(), max_size=2),
+    st.frozensets(st.integers(0, 1), max_size=2),
+    st.builds(_Weird),
+    st.lists(st.floats(allow_nan=False), min_size=1, max_size=3),
+    st.lists(st.text(max_size=2), min_size=1, max_size=3),
+    st.sampled_from([np.float32, np.complex64, np.uint8 if False else np.float16]).map(
+        lambda t: np.ones(2, t)),
+    st.sampled_from([jnp.float32, jnp.bfloat16]).map(lambda t: jnp.ones(2, t)),
+    st.tuples(st.integers(0, 1), st.text(min_size=1, max_size=2)),
+    st.tuples(st.floats(allow_nan=False)),
+)
+
+
+@property_settings(150)
+@given(not_a_mask)
+def test_a_mask_function_returning_a_non_mask_raises_naming_the_path(value):
+    params = {"enc": {"w": jnp.ones((2, 2))}}
+    with pytest.raises(TypeError, match="at path 'enc/w'"):
+        jf.elements("enc/w", lambda leaf: value)(params)
+
+
+@property_settings(150)
+@given(st.one_of(not_a_mask, st.integers(), st.lists(st.integers(0, 1), min_size=1, max_size=2),
+                 st.just(np.s_[:, 0])))
+def test_a_where_predicate_returning_a_non_bool_raises_naming_the_path(value):
+    params = {"enc": {"w": jnp.ones((2, 2))}}
+    with pytest.raises(TypeError, match="at path 'enc/w'"):
+        jf.where(lambda path, leaf: value)(params)
+
+
+# --------------------------------------------------------------------------
+# A dtype-testing selector, f32 params and bf16 gradients.
+
+
+@pytest.mark.parametrize("inner", [
+    optax.adam(1e-3),
+    pytest.param(optax.sgd(1.0), marks=pytest.mark.xfail(strict=True, reason=(
+        "a stateless inner optimizer leaves no trace of init's routing in the state: "
+        "jf.freeze's update must evaluate the selector with like=params "
+        "(sel.masks(updates, like=params)), a change in transforms.py"))),
+], ids=["adam", "sgd"])
+def test_dtype_selector_on_bf16_gradients_is_a_clear_error(inner):
+    # On params the predicate freezes 'w'; on bf16 gradients it would not. A
+    # stateless sgd would then silently move 'w'; adam crashed inside optax.
+    params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
+    sel = jf.where(lambda path, leaf: leaf.dtype == jnp.float32 and path == "w")
+    tx = jf.freeze(inner, frozen=sel)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda x: jnp.ones_like(x, jnp.bfloat16), params)
+    with pytest.raises(ValueError, match="'w'"):
+        tx.update(grads, state, params)

@@ -220,3 +220,98 @@ def test_patterns_may_match_split_placeholders():
     # such a hole is not a typo.
     trainable, _ = jf.split(PARAMS, frozen=jf.paths("a/**"))
     assert jf.paths("a/**")(trainable)["a"] == {"kernel": None, "bias": None}
+
+
+# --------------------------------------------------------------------------
+# Hashable, value-compared selectors; jnp in mask functions under jit.
+
+
+def test_jax_array_masks_are_hashable_and_compare_by_value():
+    e = jf.elements("a/kernel", jnp.array([True, False, True]))
+    same = jf.elements("a/kernel", jnp.array([True, False, True]))
+    assert e == same and hash(e) == hash(same)
+    assert e == jf.elements("a/kernel", np.array([True, False, True]))  # stored as NumPy
+    assert e != jf.elements("a/kernel", jnp.array([True, True, True]))
+    assert jf.elements("a/kernel", np.s_[jnp.array([0, 1])]) == jf.elements(
+        "a/kernel", np.s_[np.array([0, 1])])
+    assert len({e, same, e | jf.nothing, same | jf.nothing}) == 2
+    np.testing.assert_array_equal(e(PARAMS)["a"]["kernel"], [[True, False, True]] * 2)
+
+
+def test_equal_mask_trees_compare_equal():
+    def spec():
+        return {"a": True, "ab": False, "enc": False, "bias": jnp.array([True])}
+
+    a, b = jf.as_selector(spec()), jf.as_selector(spec())
+    assert a == b and hash(a) == hash(b)
+    assert a != jf.as_selector({**spec(), "a": False})
+    assert a != jf.as_selector({**spec(), "bias": np.array([False])})
+    assert jf.as_selector({"x": True}) != jf.as_selector({"x": 1})  # True is not 1
+    fn = lambda p: True  # noqa: E731 - functions compare by identity
+    assert jf.as_selector(fn) == jf.as_selector(fn) != jf.as_selector(lambda p: True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mask_functions_using_jnp_work_under_jit(mode):
+    # Evaluated on a ShapeDtypeStruct outside any trace: jnp code on shapes is concrete.
+    sels = [
+        jf.elements("a/kernel", lambda leaf: jnp.arange(leaf.shape[-1]) == 0),
+        jf.where(lambda path, leaf: jnp.zeros(leaf.shape).ndim == 1),
+        jf.as_selector(lambda p: jax.tree.map(lambda x: jnp.asarray(x.ndim == 1), p)),
+    ]
+    for sel in sels:
+        expected = sel(PARAMS)
+        seen = {}
+
+        def f(p):
+            seen["mask"] = sel(p)
+            return p
+
+        mode(f)(PARAMS)
+        for x, y in zip(jax.tree.leaves(seen["mask"]), jax.tree.leaves(expected)):
+            assert type(x) is type(y)
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        np.s_[np.array([0, 2])],
+        [0, 2],
+        jnp.array([0, 2]),
+        np.s_[:, np.array([0, 3])],
+        np.s_[:, [0, 3]],
+        np.s_[[0, 1], [2, 0]],  # mixed tuple: pairs of coordinates
+        np.s_[np.array([[0], [2]]), np.array([1, 3])],  # broadcast index arrays
+        np.s_[..., 1],
+        np.s_[np.int64(1)],
+    ],
+    ids=["int_array", "int_list", "jax_int_array", "tuple_array", "tuple_list", "coordinates",
+         "broadcast_arrays", "ellipsis", "numpy_int"],
+)
+def test_integer_array_and_list_indices_work_as_in_numpy(index):
+    params = {"w": jnp.ones((3, 4))}
+    x = np.zeros((3, 4), bool)
+    x[_np_index(index)] = True
+    for mask in (index, lambda leaf: index):  # given, or returned by a mask function
+        out = jf.elements("w", mask)(params)["w"]
+        np.testing.assert_array_equal(np.broadcast_to(out, (3, 4)), x)
+
+
+def _np_index(index):
+    if isinstance(index, tuple):
+        return tuple(map(_np_index, index))
+    return np.asarray(index) if isinstance(index, (jax.Array, list)) else index
+
+
+def test_masks_like_names_a_path_answered_differently():
+    # A dtype-testing selector gives other answers on bf16 gradients than on f32
+    # params: evaluated with like=params, that is a clear error naming the path.
+    sel = jf.where(lambda path, leaf: leaf.dtype == jnp.float32)
+    grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+    with pytest.raises(ValueError) as e:
+        sel.masks(grads, like=PARAMS)
+    msg = str(e.value)
+    assert "'a/bias'" in msg and "float32[3]" in msg and "bfloat16[3]" in msg
+    flat, masks = jf.paths("a/**").masks(grads, like=PARAMS)  # same answers: fine
+    assert masks == [m for m in jf.paths("a/**").masks(PARAMS)[1]]
