@@ -47,7 +47,7 @@ def stack(trees: Sequence[Any]) -> Any:
             )
         for col, (path, x), (_, x0) in zip(columns, flat, first):
             s, s0 = np.shape(x), np.shape(x0)
-            d, d0 = np.result_type(x), np.result_type(x0)
+            d, d0 = _dtype(x), _dtype(x0)
             if s != s0 or d != d0:
                 raise ValueError(
                     f"jf.stack: tree {i} has {d}{list(s)} at path {path!r}, "
@@ -55,6 +55,12 @@ def stack(trees: Sequence[Any]) -> Any:
                 )
             col.append(x)
     return treedef.unflatten([np.stack([np.asarray(x) for x in col]) for col in columns])
+
+
+def _dtype(x: Any) -> np.dtype:
+    # A jax array's own dtype (np.result_type on one is deprecated); Python
+    # scalars as NumPy reads them.
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
 
 
 def unstack(tree: Any) -> list[Any]:
@@ -68,15 +74,19 @@ def unstack(tree: Any) -> list[Any]:
     flat, treedef = leaves_with_paths(tree)
     if not flat:
         return []
-    sizes = {p: (np.shape(x)[0] if np.ndim(x) else None) for p, x in flat}
-    n = sizes[flat[0][0]]
-    bad = [p for p, k in sizes.items() if k is None or k != n]
-    if n is None or bad:
-        raise ValueError(
-            f"jf.unstack: every leaf needs the same leading axis; path {bad[0]!r} has shape "
-            f"{list(np.shape(dict(flat)[bad[0]]))}, path {flat[0][0]!r} has "
-            f"{list(np.shape(flat[0][1]))}."
-        )
+    for path, x in flat:
+        if np.ndim(x) == 0:
+            raise ValueError(
+                f"jf.unstack: the leaf at path {path!r} is a scalar; every leaf needs "
+                "a leading (model) axis."
+            )
+    (first, x0), n = flat[0], np.shape(flat[0][1])[0]
+    for path, x in flat:
+        if np.shape(x)[0] != n:
+            raise ValueError(
+                f"jf.unstack: every leaf needs the same leading axis; path {path!r} has "
+                f"shape {list(np.shape(x))}, path {first!r} has {list(np.shape(x0))}."
+            )
     return [treedef.unflatten([x[i] for _, x in flat]) for i in range(n)]
 
 

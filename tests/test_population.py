@@ -60,3 +60,41 @@ def test_shard_stacked_one_device():
         jf.shard_stacked({"bias": jnp.float32(1.0)}, mesh)
     with pytest.raises(ValueError, match="'data'"):
         jf.shard_stacked({"w": np.zeros((2, 2))}, mesh, axis="data")
+
+
+def test_unstack_error_names_two_different_paths():
+    with pytest.raises(ValueError) as e:
+        jf.unstack({"a": np.zeros((2, 1)), "b": np.zeros((3, 1))})
+    assert "'b'" in str(e.value) and "'a'" in str(e.value)
+    with pytest.raises(ValueError) as e:  # the first leaf is the odd one
+        jf.unstack({"a": np.zeros(()), "b": np.zeros((3, 1))})
+    msg = str(e.value)
+    assert "path 'a'" in msg and "scalar" in msg and msg.count("'a'") == 1
+
+
+def _uint(x):
+    x = np.asarray(x)
+    return x.view(np.dtype(f"uint{8 * x.dtype.itemsize}")) if x.dtype != bool else x
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda i: np.array([i, -(2**31), 2**31 - 1], np.int32),
+        lambda i: np.array([i % 2 == 0, True, False]),
+        lambda i: jnp.array([1e-40, -0.0, float("nan"), i], jnp.bfloat16),  # subnormal, -0, NaN
+        lambda i: np.array([complex(-0.0, -0.0), complex(np.nan, 1e-45), i], np.complex64),
+        lambda i: np.array([-0.0, 6e-8, i], np.float16),
+        lambda i: np.uint8(i),
+    ],
+    ids=["int32", "bool", "bfloat16", "complex64", "float16", "uint8_scalar"],
+)
+def test_stack_and_unstack_keep_dtype_and_bits(make):
+    models = [{"w": make(i), "nested": [make(i + 1)]} for i in range(3)]
+    zoo = jf.stack(models)
+    for leaf in jax.tree.leaves(zoo):
+        assert leaf.dtype == np.asarray(make(0)).dtype and leaf.shape[0] == 3
+    for model, back in zip(models, jf.unstack(zoo)):
+        for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(back)):
+            assert np.asarray(b).dtype == np.asarray(a).dtype
+            np.testing.assert_array_equal(_uint(b), _uint(a))
