@@ -25,7 +25,7 @@ from jfreeze.selectors import (
     regex,
     where,
 )
-from jfreeze.transforms import freeze, partition
+from jfreeze.transforms import apply_updates, freeze, partition
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "LayerwiseDecay",
     "Selector",
     "Summary",
+    "apply_updates",
     "as_selector",
     "assert_frozen",
     "check_frozen_compute",

@@ -14,6 +14,7 @@ import optax
 from jfreeze.labels import Labels, labels as make_labels, resolve_labels
 from jfreeze.paths import closest, describe_paths
 from jfreeze.selectors import FrozenSpec, Selector, _Flat
+from jfreeze.transforms import _constant
 
 __all__ = ["scale_by_label", "layerwise_decay", "LayerwiseDecay"]
 
@@ -82,7 +83,7 @@ def scale_by_label(
             labels, tree, mults, who="jf.scale_by_label", noun="multiplier"
         )
         txs = {k: optax.scale(mults[k]) for k in carriers}
-        return optax.partition(txs, tree_labels)
+        return optax.partition(txs, _constant(tree_labels))  # never the (callable) tree
 
     def init_fn(params):
         return make(params).init(params)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from jfreeze.selectors import Mask, Selector, _Flat, as_selector, compact
-from jfreeze.transforms import _as_transform, _routed, _zero_updates
+from jfreeze.transforms import _as_transform, _constant, _routed, _zero_updates
 
 __all__ = ["gradual_unfreeze", "GradualUnfreezeState", "thawed_value_and_grad"]
 
@@ -202,7 +202,7 @@ def gradual_unfreeze(
             elif k not in txs:
                 step = int(k.removeprefix("thaw@"))
                 txs[k] = inner if step == 0 else _held(inner, count >= step)
-        return optax.partition(txs, labels)
+        return optax.partition(txs, _constant(labels))  # never the (callable) tree
 
     def init_fn(params):
         flat, steps, never = plan(params)

@@ -1,19 +1,22 @@
-"""Gradient transformations: ``freeze`` and ``partition``, composed from optax."""
+"""Gradient transformations (``freeze``, ``partition``) and the exact ``apply_updates``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jfreeze.labels import resolve_labels
-from jfreeze.paths import describe_paths
-from jfreeze.selectors import FrozenSpec, Mask, _Flat, as_selector, compact
+from jfreeze.paths import describe_paths, path_str
+from jfreeze.selectors import FrozenSpec, Mask, _Flat, _is_placeholder, as_selector, compact
 
-__all__ = ["freeze", "partition"]
+__all__ = ["freeze", "partition", "apply_updates"]
 
 _TRAIN, _FROZEN = "trainable", "frozen"
 
@@ -27,16 +30,21 @@ def _as_transform(tx: Any, what: str = "inner") -> optax.GradientTransformationE
     raise TypeError(f"{what} must be an optax GradientTransformation (init/update), got {tx!r}")
 
 
-def _zero_updates() -> optax.GradientTransformation:
-    """Like ``optax.set_to_zero`` but with -0.0, so ``p + update`` keeps p's bits.
+def _neg_zero(dtype: Any) -> Any:
+    """``-0.0`` of ``dtype``; ``-0-0j`` for complex, as ``-0+0j`` flips a ``-0.0``
+    imaginary part to ``+0.0`` when added."""
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.array(complex(-0.0, -0.0), dtype)
+    return jnp.array(-0.0, dtype)
 
-    ``+0.0`` turns a ``-0.0`` parameter into ``+0.0`` when applied eagerly
-    (under jit XLA drops the add); ``x + (-0.0) == x`` bit for bit for every x.
-    """
+
+def _zero_updates() -> optax.GradientTransformation:
+    """Like ``optax.set_to_zero`` but with -0.0 (-0-0j), the update whose add
+    changes the fewest bits (see :func:`freeze` for what an add still changes)."""
 
     def update(updates, state, params=None):
         del params
-        return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state
+        return jax.tree.map(lambda u: jnp.full_like(u, _neg_zero(u.dtype)), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -47,17 +55,154 @@ def _zero_elements(tree: Any, masks: list[Mask]) -> Any:
         return tree
     flat = _Flat.of(tree)
     out = [
-        x if isinstance(m, bool) else jnp.where(compact(m), jnp.array(-0.0, x.dtype), x)
+        x if isinstance(m, bool) else jnp.where(compact(m), _neg_zero(x.dtype), x)
         for (_, x), m in zip(flat.entries, masks)
     ]
     return flat.unflatten(out)
 
 
+def _constant(tree: Any) -> Callable[[Any], Any]:
+    # optax.partition / optax.masked *call* a label or mask tree that is callable,
+    # and an Equinox module is: hand optax a function that returns the tree.
+    return lambda _: tree
+
+
 def _routed(inner, masks: list[Mask], flat: _Flat) -> optax.GradientTransformationExtraArgs:
     # Whole frozen leaves are routed away before `inner` sees anything: no state,
     # not seen by clipping, decay, accumulation or norms (optax.partition).
+    # Extra args shaped like the updates (lbfgs's grad=) are routed alike.
     labels = flat.unflatten([_FROZEN if m is True else _TRAIN for m in masks])
-    return optax.partition({_TRAIN: inner, _FROZEN: _zero_updates()}, labels)
+    return optax.partition(
+        {_TRAIN: inner, _FROZEN: _zero_updates()}, _constant(labels),
+        mask_compatible_extra_args=True,
+    )
+
+
+# Extra args that optax calls with (a subtree of) the params: sophia's obj_fn,
+# the linesearches' (lbfgs's) value_fn.
+_PARAMS_FNS = ("obj_fn", "value_fn")
+
+
+def _filled_fns(extra_args: dict, params: Any, masks: list[Mask] | None = None) -> dict:
+    """``obj_fn`` / ``value_fn`` that accept the inner optimizer's masked params.
+
+    Inside ``optax.partition`` the inner optimizer sees the other leaves as
+    ``MaskedNode``; the wrapped function puts the full params' leaves back there
+    (and the params' values at element-wise frozen entries, so their gradient and
+    curvature are zero) before calling the user's function.
+    """
+    if params is None or not any(callable(extra_args.get(k)) for k in _PARAMS_FNS):
+        return extra_args
+    pflat = _Flat.of(params)
+    it = iter(masks if masks is not None else [False] * len(pflat.entries))
+    slot_masks = [None if _is_placeholder(x) else next(it) for x in pflat.slots]
+
+    def fill(fn):
+        @functools.wraps(fn)  # keeps fn's signature: linesearches inspect it for kwargs
+        def filled(sub, *args, **kwargs):
+            out = []
+            for s, x, m in zip(pflat.treedef.flatten_up_to(sub), pflat.slots, slot_masks):
+                if isinstance(s, optax.MaskedNode):
+                    s = x
+                elif isinstance(m, np.ndarray):
+                    s = jnp.where(compact(m), x, s)
+                out.append(s)
+            return fn(pflat.treedef.unflatten(out), *args, **kwargs)
+
+        return filled
+
+    return {k: fill(v) if k in _PARAMS_FNS and callable(v) else v for k, v in extra_args.items()}
+
+
+def _state_mismatch(init: Callable, updates: Any, state: Any) -> str | None:
+    """How ``state`` differs from what ``init(updates)`` builds, by param path.
+
+    Finds the params-shaped trees inside the state (moments, accumulators) by the
+    updates' key paths, and compares the paths under them: present or not,
+    routed (``MaskedNode``: frozen or another label), a hole (``None``), or an
+    array of another shape. ``None`` if nothing differs there.
+    """
+    try:
+        expected = jax.eval_shape(init, updates)
+    except Exception:  # noqa: BLE001 - a diagnosis must never hide the real error
+        return None
+    is_leaf = lambda x: x is None or isinstance(x, optax.MaskedNode)  # noqa: E731
+    keys = {
+        tuple(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_placeholder)[0]
+        if p
+    }
+
+    def kind(x):
+        if x is None:
+            return "hole"
+        if isinstance(x, optax.MaskedNode):
+            return "routed"
+        return getattr(x, "shape", ())
+
+    def by_prefix(tree, prefixes=None):
+        found: dict = {}
+        for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
+            p = tuple(p)
+            for i in range(len(p)):
+                if (p[i:] in keys) if prefixes is None else (p[:i] in prefixes):
+                    found.setdefault(p[:i], {})[path_str(p[i:])] = kind(x)
+                    break
+        return found
+
+    new = by_prefix(expected)
+    old = by_prefix(state, set(new))
+    if not old:
+        return None
+    only_old, only_new, routed, unrouted, holes, shapes = (set() for _ in range(6))
+    for prefix, want in new.items():
+        have = old.get(prefix, {})
+        only_old |= have.keys() - want.keys()
+        only_new |= want.keys() - have.keys()
+        for p in want.keys() & have.keys():
+            a, b = have[p], want[p]
+            if a == b:
+                continue
+            if b == "hole":
+                holes.add(p)
+            elif b == "routed":
+                routed.add(p)
+            elif a == "routed":
+                unrouted.add(p)
+            elif a != "hole":
+                shapes.add(f"{p!r} ({a} at init, {b} now)")
+    parts = []
+    for names, what in [
+        (only_old, "only in the tree given to init"),
+        (only_new, "only in the updates"),
+        (unrouted, "routed away (frozen, or another label) at init but not now"),
+        (routed, "routed away (frozen, or another label) now but not at init"),
+    ]:
+        if names:
+            parts.append(f"paths {what}: {describe_paths(sorted(names))}")
+    if shapes:
+        parts.append("leaves whose shape changed: " + ", ".join(sorted(shapes)[:5]))
+    if holes:
+        parts.append(
+            f"the updates have no leaf at {describe_paths(sorted(holes))} (None, e.g. the "
+            "trainable half of jf.split) where the state has one. Build the state from the "
+            "tree you update, tx.init(trainable), or pass full updates"
+        )
+    return "; ".join(parts) or None
+
+
+def _update_checked(who: str, tx, updates, state, params, extra_args):
+    """``tx.update``; a failure that is a changed tree is reported by path."""
+    try:
+        return tx.update(updates, state, params, **extra_args)
+    except (ValueError, TypeError) as e:
+        why = _state_mismatch(tx.init, updates, state)
+        if why is None:
+            raise  # the inner optimizer's own error (e.g. adamw without params=)
+        raise ValueError(
+            f"{who}: the optimizer state does not match the updates (tx.init was given "
+            f"another tree, or the selection changed): {why}."
+        ) from e
 
 
 def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExtraArgs:
@@ -68,13 +213,53 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
     accumulators or gradient norms, so trainable leaves evolve exactly as if
     ``inner`` ran on them alone. Element-wise frozen entries are zeroed with
     ``jnp.where`` in the gradient before ``inner`` and in the update after it.
-    Frozen updates are ``-0.0``, so ``optax.apply_updates`` keeps frozen bits,
-    under ``jax.jit`` and eagerly.
+    The update of every frozen leaf and element is ``-0.0`` (``-0-0j``).
+
+    **Bits.** To keep every bit of frozen params, apply the updates with
+    :func:`jfreeze.apply_updates` (same ``frozen=``), which selects instead of
+    adding. ``optax.apply_updates`` adds ``-0.0``, and an add keeps ``±0.0``
+    (complex parts too), ``±inf``, ordinary values and f32/f16 quiet-NaN
+    payloads, but XLA (measured on CPU, jax 0.10) may flush the rest:
+    subnormal f32/bf16 values (and f32 parts of complex64) become ``±0.0``,
+    signalling NaNs are quieted (f32 ``0x7f800001 -> 0x7fc00001``, f16
+    ``0x7c01 -> 0x7e01``) and bf16 NaNs lose their payload (``0x7fc1 ->
+    0x7fc0``). It does so eagerly and whenever the add is really computed:
+    element-wise frozen entries, and updates passed into a jitted apply. Only
+    whole frozen leaves updated and applied inside one ``jax.jit`` were kept,
+    because XLA removes ``x + (-0.0)``; that is an optimisation, not a promise.
+    f16 subnormals were kept in every case.
+
+    **Wrap order.** ``jf.freeze`` must be the outermost transform. Wrapped
+    from outside, the frozen leaves reach the wrapper: ``optax.chain(jf.freeze(
+    scale_by_adam()), optax.scale(-lr))`` turns the ``-0.0`` update into
+    ``+0.0`` (``-0.0`` params become ``+0.0`` eagerly); ``optax.MultiSteps(
+    jf.freeze(...))`` keeps accumulators for frozen leaves (NaN if a frozen
+    gradient is) and its skipped steps update by ``+0.0``;
+    ``optax.apply_if_finite(jf.freeze(...))`` checks the frozen gradients too,
+    so one NaN frozen gradient skips every step. Write ``jf.freeze(
+    optax.chain(...))``, ``jf.freeze(optax.MultiSteps(...))``,
+    ``jf.freeze(optax.apply_if_finite(...))``.
+
+    **Element-wise freezing and whole-leaf statistics.** A partly frozen leaf
+    still reaches ``inner`` whole (frozen entries' gradients are zeroed, their
+    values are not hidden), so optimizers that scale a leaf's update by its
+    *parameters'* norm or RMS see the frozen values: with ``optax.lamb``,
+    ``optax.lars`` and ``optax.adafactor`` (parameter scale) the trainable
+    entries' updates change when frozen values change, and a NaN frozen entry
+    makes them NaN; ``optax.novograd`` (weight decay in its moment) can hold
+    NaN state for a NaN frozen entry, without changing trainable updates.
+    Element-wise SGD, momentum, Adam(W), Lion, RMSProp, Adagrad, AdaBelief and
+    global-norm clipping do not depend on frozen values. Whole frozen leaves
+    never reach ``inner``.
 
     Unlike ``optax.freeze(mask)``, which only zeroes updates and wraps no
     optimizer, this wraps ``inner`` (as ``optax.selective_transform`` does) and
     accepts element-wise selections; unlike ``optax.masked``, unselected
-    updates are never passed through raw.
+    updates are never passed through raw. ``obj_fn`` (``optax.contrib.sophia``)
+    and ``value_fn`` (``optax.lbfgs`` and the linesearches) extra args are
+    called by ``inner`` with the frozen leaves and elements filled back in from
+    ``params``; extra args shaped like the updates (lbfgs's ``grad=``) are
+    routed like them.
 
     Args:
       inner: an optax transformation, or anything with optax's ``init`` /
@@ -84,16 +269,20 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra args reach ``inner``.
+      ``update`` raises a ``ValueError`` naming the paths if the updates'
+      tree (or what the selection freezes) differs from the one given to
+      ``init``.
 
-    >>> import jax, jax.numpy as jnp, optax
+    >>> import jax, jax.numpy as jnp, numpy as np, optax
     >>> import jfreeze as jf
     >>> params = {"backbone": jnp.ones(3), "head": jnp.ones(2)}
-    >>> tx = jf.freeze(optax.adamw(0.1), frozen=jf.paths("backbone"))
+    >>> frozen = jf.paths("backbone")
+    >>> tx = jf.freeze(optax.adamw(0.1), frozen=frozen)
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state, params)
-    >>> new = optax.apply_updates(params, updates)
-    >>> bool((new["backbone"] == params["backbone"]).all()), bool((new["head"] < 1).all())
+    >>> new = jf.apply_updates(params, updates, frozen=frozen)
+    >>> new["backbone"] is params["backbone"], bool((new["head"] < 1).all())
     (True, True)
     """
     sel = as_selector(frozen)
@@ -106,16 +295,9 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
     def update_fn(updates, state, params=None, **extra_args):
         flat, masks = sel.masks(updates)
         updates = _zero_elements(updates, masks)
-        try:
-            updates, state = _routed(inner, masks, flat).update(updates, state, params, **extra_args)
-        except ValueError as e:
-            if not flat.holes:
-                raise
-            raise ValueError(
-                f"jf.freeze: the updates have no leaf at {describe_paths(flat.holes)} (None, e.g. "
-                "the trainable half of jf.split), but the optimizer state does not match that tree. "
-                "Build the state from the tree you update, tx.init(trainable), or pass full updates."
-            ) from e
+        extra_args = _filled_fns(extra_args, params, masks)
+        tx = _routed(inner, masks, flat)
+        updates, state = _update_checked("jf.freeze", tx, updates, state, params, extra_args)
         return _zero_elements(updates, masks), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -170,11 +352,94 @@ def partition(
         for k, v in transforms.items()
     }
 
+    def make(tree):
+        # A function, never the label tree itself (optax calls a callable one).
+        return optax.partition(
+            txs, _constant(_label_tree(labels, tree, txs)), mask_compatible_extra_args=True
+        )
+
     def init_fn(params):
-        return optax.partition(txs, _label_tree(labels, params, txs)).init(params)
+        return make(params).init(params)
 
     def update_fn(updates, state, params=None, **extra_args):
-        tx = optax.partition(txs, _label_tree(labels, updates, txs))
-        return tx.update(updates, state, params, **extra_args)
+        extra_args = _filled_fns(extra_args, params)
+        return _update_checked("jf.partition", make(updates), updates, state, params, extra_args)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _paths_and_holes(tree: Any) -> set[str]:
+    flat = _Flat.of(tree)
+    return set(flat.paths) | set(flat.holes)
+
+
+def apply_updates(params: Any, updates: Any, *, frozen: FrozenSpec) -> Any:
+    """``optax.apply_updates`` that keeps every bit of the ``frozen`` leaves and elements.
+
+    An add cannot keep every bit: XLA flushes subnormals to zero and quiets
+    signalling NaNs, so ``p + (-0.0)`` may differ from ``p`` (see
+    :func:`freeze`). Here whole frozen leaves are returned as they are (the same
+    objects; their update may be anything, ``None`` or ``float0`` included),
+    element-wise frozen entries are selected with ``jnp.where(mask, p, p + u)``,
+    and trainable leaves are computed by ``optax.apply_updates`` itself, so
+    they are exactly what it gives. Use the ``frozen=`` given to
+    :func:`freeze`.
+
+    Args:
+      params: the parameter tree.
+      updates: the updates, shaped like ``params`` (``None`` where ``params``
+        holds ``None``; anything at whole frozen leaves).
+      frozen: what is frozen: a selector, a bool mask tree or a mask function,
+        as everywhere.
+
+    Returns:
+      The new params, the same tree structure as ``params``.
+
+    >>> import jax, jax.numpy as jnp, numpy as np, optax
+    >>> import jfreeze as jf
+    >>> tiny = jnp.array([1e-45, 1.0])                   # a subnormal: XLA's add flushes it
+    >>> params = {"backbone": tiny, "head": jnp.ones(2)}
+    >>> frozen = jf.paths("backbone") | jf.elements("head", np.s_[0])
+    >>> tx = jf.freeze(optax.sgd(0.5), frozen=frozen)
+    >>> updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params))
+    >>> new = jf.apply_updates(params, updates, frozen=frozen)
+    >>> new["backbone"] is params["backbone"], new["head"]
+    (True, Array([1. , 0.5], dtype=float32))
+    >>> optax.apply_updates(params, updates)["backbone"]  # an add: 1e-45 is flushed
+    Array([0., 1.], dtype=float32)
+    """
+    flat, masks = as_selector(frozen).masks(params)
+    try:
+        slots = flat.treedef.flatten_up_to(updates)
+    except (ValueError, TypeError):
+        have, want = _paths_and_holes(updates), _paths_and_holes(params)
+        raise ValueError(
+            "jf.apply_updates: the updates do not have the structure of the params; "
+            f"paths only in the params: {describe_paths(sorted(want - have)) or 'none'}; "
+            f"only in the updates: {describe_paths(sorted(have - want)) or 'none'}."
+        ) from None
+    ups = [u for x, u in zip(flat.slots, slots) if not _is_placeholder(x)]
+    out = []
+    for (path, p), u, m in zip(flat.entries, ups, masks):
+        if m is True:
+            out.append(p)
+            continue
+        if u is None or getattr(u, "dtype", None) == jax.dtypes.float0:
+            raise ValueError(
+                f"jf.apply_updates: the trainable leaf at path {path!r} has no update "
+                f"({'None' if u is None else 'float0'}); only frozen leaves may lack one."
+            )
+        new = optax.apply_updates(p, u)
+        out.append(new if m is False else _select(compact(m), p, new))
+    return flat.unflatten(out)
+
+
+def _select(mask: np.ndarray, p: Any, new: jax.Array) -> jax.Array:
+    """``jnp.where(mask, p, new)`` bit for bit: XLA's CPU select on bf16 goes
+    through f32 and drops NaN payloads, so real floats are selected as uints."""
+    p = jnp.asarray(p)
+    if not jnp.issubdtype(p.dtype, jnp.floating):
+        return jnp.where(mask, p, new)  # complex and ints: measured exact
+    uint = jnp.dtype(f"uint{8 * p.dtype.itemsize}")
+    as_uint = lambda x: jax.lax.bitcast_convert_type(x, uint)  # noqa: E731
+    return jax.lax.bitcast_convert_type(jnp.where(mask, as_uint(p), as_uint(new)), p.dtype)
