@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given
 
 import jfreeze as jf
-from strategies import MODES
+from strategies import MODES, property_settings
 
 
 PARAMS = {
@@ -315,3 +317,89 @@ def test_masks_like_names_a_path_answered_differently():
     assert "'a/bias'" in msg and "float32[3]" in msg and "bfloat16[3]" in msg
     flat, masks = jf.paths("a/**").masks(grads, like=PARAMS)  # same answers: fine
     assert masks == [m for m in jf.paths("a/**").masks(PARAMS)[1]]
+
+
+# --------------------------------------------------------------------------
+# Properties: equal inputs give equal, equally hashed selectors; indices as NumPy.
+
+_GLOBS = st.sampled_from(["a/**", "**/kernel", "enc/layers_?/*", "a[!b]/*", "bias"])
+_ARRAYS = st.lists(st.booleans(), min_size=2, max_size=2).map(np.array)
+_INDICES = st.one_of(
+    st.just(np.s_[:, 0]), st.integers(0, 1), st.lists(st.integers(0, 1), min_size=1, max_size=2),
+    st.tuples(st.integers(0, 1), st.integers(0, 1)),
+)
+
+
+def _recipes():
+    """Selector recipes: build(recipe, as_jax) makes a selector; equal recipes,
+    whether their arrays are NumPy or jax, must give equal selectors."""
+    leaf = st.one_of(
+        st.tuples(st.just("paths"), st.lists(_GLOBS, min_size=1, max_size=2).map(tuple)),
+        st.tuples(st.just("regex"), st.sampled_from(["a/.*", "enc/.*"])),
+        st.tuples(st.just("elements"), st.sampled_from(["a/kernel", "enc/*/kernel"]),
+                  st.one_of(_ARRAYS, _INDICES)),
+        st.tuples(st.just("tree"), st.booleans(), _ARRAYS),
+        st.tuples(st.just("const"), st.booleans()),
+    )
+    return st.recursive(leaf, lambda c: st.one_of(
+        st.tuples(st.sampled_from(["|", "&", "-"]), c, c), st.tuples(st.just("~"), c)),
+        max_leaves=4)
+
+
+def _build(r, as_jax):
+    arr = (lambda x: jnp.asarray(x)) if as_jax else (lambda x: x)
+    kind = r[0]
+    if kind == "paths":
+        return jf.paths(*r[1], strict=False)
+    if kind == "regex":
+        return jf.regex(r[1], strict=False)
+    if kind == "elements":
+        m = r[2]
+        m = arr(m) if isinstance(m, np.ndarray) else list(m) if isinstance(m, list) else m
+        return jf.elements(r[1], m, strict=False)
+    if kind == "tree":
+        return jf.as_selector({"a": r[1], "ab": False, "enc": False, "bias": arr(r[2][:1])})
+    if kind == "const":
+        return jf.everything if r[1] else jf.nothing
+    if kind == "~":
+        return ~_build(r[1], as_jax)
+    a, b = _build(r[1], as_jax), _build(r[2], as_jax)
+    return {"|": a | b, "&": a & b, "-": a - b}[kind]
+
+
+@property_settings(100)
+@given(_recipes(), st.booleans(), st.booleans())
+def test_equal_selectors_hash_equal(recipe, jax_a, jax_b):
+    a, b = _build(recipe, jax_a), _build(recipe, jax_b)
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    try:
+        ma = a(PARAMS)
+    except (ValueError, TypeError):
+        return  # e.g. an index that does not fit a leaf: both raise alike
+    for x, y in zip(jax.tree.leaves(ma), jax.tree.leaves(b(PARAMS))):
+        np.testing.assert_array_equal(x, y)
+
+
+_index_atoms = st.one_of(
+    st.integers(-3, 2),
+    st.slices(3),
+    st.lists(st.integers(-3, 2), min_size=1, max_size=3),
+    st.lists(st.integers(-3, 2), min_size=1, max_size=3).map(np.array),
+    st.lists(st.integers(-3, 2), min_size=1, max_size=3).map(jnp.array),
+    st.just(Ellipsis),
+)
+
+
+@property_settings(200)
+@given(st.one_of(_index_atoms, st.tuples(_index_atoms, _index_atoms)))
+def test_index_expressions_select_what_numpy_indexes(index):
+    leaf = np.zeros((3, 3), bool)
+    try:
+        leaf[_np_index(index)] = True
+    except IndexError:
+        with pytest.raises(ValueError, match="at path 'w'.*does not fit"):
+            jf.elements("w", index)({"w": jnp.ones((3, 3))})
+        return
+    got = jf.elements("w", index)({"w": jnp.ones((3, 3))})["w"]
+    np.testing.assert_array_equal(np.broadcast_to(got, (3, 3)), leaf)
+    assert jf.elements("w", index) == jf.elements("w", _np_index(index))
