@@ -3,6 +3,9 @@
 Every part of jfreeze (selectors, errors, the summary) names a leaf the same way:
 dict keys as written, sequence indices as numbers, dataclass / namedtuple / NNX
 attributes by name, joined with ``/``, e.g. ``backbone/layers/0/kernel``.
+Two leaves may never share a path string (a key ``"enc/w"`` beside nested keys
+``enc`` → ``w``): :func:`check_unique_paths` refuses such a tree. Globs are
+matched here too (:func:`compile_glob`), segment by segment in linear steps.
 """
 
 from __future__ import annotations

@@ -643,8 +643,24 @@ class _MaskTree(Selector):
 def paths(*globs: str, strict: bool = True) -> Selector:
     """Leaves whose path matches any of the globs (full match).
 
-    ``*`` matches one path segment, ``**`` any number of segments (``a/**`` is
-    ``a`` and everything below it), ``?`` one character, ``[..]`` a class.
+    A glob is split at ``/`` into segments, matched against the path's segments:
+
+    - ``**`` as a whole segment matches any number of segments, none included
+      (``a/**`` is ``a`` and everything below it; ``**/bias`` is every ``bias``).
+      Elsewhere (``a**``) it is a plain ``*``.
+    - ``*`` matches any characters of one segment (maybe none), ``?`` one
+      character; neither ever matches ``/``.
+    - ``[..]`` is a class of one character, with Python's ``fnmatch`` rules:
+      ``[!..]`` negates, ``^`` is a literal (``[^b]`` is ``^`` or ``b``), a ``]``
+      first in the class is a member, ``a-z`` is a range. A class never matches
+      ``/``: it cannot span segments (``a[/]b`` is the literal ``a[/]b``).
+    - To match a literal ``*``, ``?`` or ``[``, put it in a class (``[*]``);
+      ``glob.escape(key)`` does this for a whole key.
+
+    Matching takes at most ``(len(glob) + 1) * (len(path) + 1)`` steps, however
+    many ``**`` the glob holds. A tree in which two leaves spell the same path
+    (a key ``"enc/w"`` and nested keys ``enc`` → ``w``) is refused with a
+    ``ValueError`` naming both.
 
     Args:
       *globs: patterns on ``'/'``-joined key paths.
@@ -656,6 +672,11 @@ def paths(*globs: str, strict: bool = True) -> Selector:
     >>> params = {"backbone": {"layers": [{"w": jnp.ones(2)}]}, "head": {"w": jnp.ones(2)}}
     >>> jf.paths("backbone/**")(params)
     {'backbone': {'layers': [{'w': True}]}, 'head': {'w': False}}
+    >>> jf.paths("**/[!h]*")({"x": {"w": 1.0, "h": 2.0}, "w*": 3.0})
+    {'w*': True, 'x': {'h': False, 'w': True}}
+    >>> import glob
+    >>> jf.paths(glob.escape("w*"))({"x": {"w": 1.0, "h": 2.0}, "w*": 3.0})
+    {'w*': True, 'x': {'h': False, 'w': False}}
     """
     if not globs or not all(isinstance(g, str) for g in globs):
         raise TypeError(f"jf.paths takes one or more glob strings, got {globs!r}")
@@ -679,8 +700,17 @@ def where(predicate: Callable[[str, Any], Any]) -> Selector:
     """Leaves (or elements) for which ``predicate(path, leaf)`` is true.
 
     ``leaf`` is a ``jax.ShapeDtypeStruct``: the predicate may use the path, shape
-    and dtype but never values. It returns a bool, or a bool array broadcastable
-    to the leaf to select elements.
+    and dtype but never values. It returns a bool, or a bool array (NumPy or
+    jax) broadcastable to the leaf to select elements; anything else (``None``
+    from a forgotten ``return``, an int, a float array) is a ``TypeError``
+    naming the path. It runs outside any trace, so ``jnp`` code on the shape
+    works under ``jax.jit``.
+
+    A predicate on the dtype sees the updates' dtype when an optimizer
+    evaluates it on gradients: with f32 params and bf16 gradients it may answer
+    differently there (``Selector.masks(updates, like=params)`` reports that as
+    a ``ValueError`` naming the path). Prefer the path or shape, or a dtype
+    *kind* (``jnp.issubdtype(leaf.dtype, jnp.floating)``).
 
     >>> import jax.numpy as jnp
     >>> import jfreeze as jf
@@ -696,11 +726,26 @@ def where(predicate: Callable[[str, Any], Any]) -> Selector:
 def elements(glob: str, mask: Any, *, strict: bool = True) -> Selector:
     """Some elements of the leaves matching ``glob``.
 
+    What ``mask`` may be (or a mask function return):
+
+    - a bool, or a bool array (NumPy or jax) broadcastable to the leaf:
+      ``True`` = selected;
+    - a NumPy index expression, with NumPy's meaning: ints, slices, ``...``,
+      integer arrays or lists of ints (``np.s_[np.array([0, 2])]``,
+      ``[0, 2]``), and tuples of these (``np.s_[:, [0, 3]]``; ``None`` only
+      inside a tuple);
+    - a function of the leaf (a ``jax.ShapeDtypeStruct``) returning one of the
+      above. It runs outside any trace, so ``jnp`` code on the shape works
+      under ``jax.jit``.
+
+    Anything else — ``None`` from a forgotten ``return`` (NumPy would read it as
+    ``np.newaxis`` and select the whole leaf), a float array, a string — is a
+    ``TypeError`` naming the path. Jax arrays and lists are stored as NumPy
+    arrays, so the selector is hashable and compares by value.
+
     Args:
       glob: which leaves, as in :func:`paths`.
-      mask: a NumPy index expression (``np.s_[:, 0]``), a bool array
-        broadcastable to the leaf, or a function of the leaf (a
-        ``jax.ShapeDtypeStruct``) returning either.
+      mask: what to select in each of them (see above).
       strict: as in :func:`paths`.
 
     >>> import jax.numpy as jnp, numpy as np
@@ -708,6 +753,10 @@ def elements(glob: str, mask: Any, *, strict: bool = True) -> Selector:
     >>> jf.elements("w", np.s_[:, 0])({"w": jnp.ones((2, 2))})["w"]
     array([[ True, False],
            [ True, False]])
+    >>> jf.elements("b", np.s_[np.array([0, 2])])({"b": jnp.ones(3)})["b"]
+    array([ True, False,  True])
+    >>> jf.elements("b", jnp.array([True, False])) == jf.elements("b", np.array([True, False]))
+    True
     """
     if not isinstance(glob, str):
         raise TypeError(f"jf.elements takes a glob string first, got {glob!r}")
