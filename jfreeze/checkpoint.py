@@ -181,7 +181,7 @@ def freeze_manifest(
             entry["status"] = "trainable"
         else:
             entry.update(status="partial", mask_sha256=_mask_hash(m), frozen_elements=int(m.sum()))
-        entry["saved"] = m is not True or include_frozen
+        entry["saved"] = bool(m is not True or include_frozen)  # JSON true/false, never 1
         leaves.append(entry)
     if fingerprint:
         frozen_at = [
