@@ -282,10 +282,18 @@ class Glob:
         self.glob = glob
         self.literal = not any(c in glob for c in "*?[")
         self.parts = tuple(_DEEP if s == "**" else _segment_tokens(s) for s in glob.split("/"))
+        self._seen: dict[str, bool] = {}
 
     def fullmatch(self, path: str) -> bool:
         """True if ``path`` matches the whole glob."""
-        return path == self.glob if self.literal else self.match_counting(path)[0]
+        if self.literal:
+            return path == self.glob
+        found = self._seen.get(path)
+        if found is None:  # a tree is evaluated at every trace: remember answers
+            if len(self._seen) > 65536:
+                self._seen.clear()
+            found = self._seen[path] = self.match_counting(path)[0]
+        return found
 
     def match_counting(self, path: str) -> tuple[bool, int]:
         """``(matched, steps)``: steps counts state transitions, for tests."""
