@@ -42,9 +42,14 @@ def _zero_updates() -> optax.GradientTransformation:
     """Like ``optax.set_to_zero`` but with -0.0 (-0-0j), the update whose add
     changes the fewest bits (see :func:`freeze` for what an add still changes)."""
 
+    def zero(u):
+        if u.dtype == jax.dtypes.float0:  # an int leaf's gradient: nothing to zero
+            return u
+        return jnp.full_like(u, _neg_zero(u.dtype))
+
     def update(updates, state, params=None):
         del params
-        return jax.tree.map(lambda u: jnp.full_like(u, _neg_zero(u.dtype)), updates), state
+        return jax.tree.map(zero, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 

@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given
 
 import jfreeze as jf
-from strategies import MODES, bits, property_settings, trees_and_selections
+from strategies import (
+    FLOAT_DTYPES,
+    MODES,
+    bits,
+    property_settings,
+    random_array,
+    special_values,
+    trees_and_selections,
+)
 
 STEPS = 3
 
@@ -53,25 +61,39 @@ EXAMPLES_MULTISTEPS_EAGER = 3
 def _poison(x: np.ndarray, where: np.ndarray, rng, values) -> np.ndarray:
     """``x`` with entries at ``where`` replaced by random picks from ``values``."""
     x = x.copy()
-    picks = np.asarray(values, dtype=np.float32)[rng.integers(0, len(values), x.shape)]
+    with np.errstate(over="ignore"):  # 1e30 is inf in float16
+        picks = np.asarray(values, dtype=x.dtype)[rng.integers(0, len(values), x.shape)]
+    x[where] = picks[where]
+    return x
+
+
+def _special(x: np.ndarray, where: np.ndarray, rng, *, finite: bool) -> np.ndarray:
+    """``x`` with the entries at ``where`` set to bit patterns an add may change:
+    subnormals and +-0.0, and (unless ``finite``) NaNs with payloads and +-inf."""
+    x = x.copy()
+    picks = special_values(rng, x.dtype.name, x.shape)
+    if finite:
+        parts = [picks.real, picks.imag] if np.iscomplexobj(picks) else [picks]
+        for part in parts:
+            part[~np.isfinite(part)] = np.asarray(-0.0, part.dtype)
     x[where] = picks[where]
     return x
 
 
 def make_case(params, selection, rng, *, nan_in_frozen_elements: bool):
-    """Params with -0.0/NaN in frozen places, STEPS gradients with NaN/Inf there."""
+    """Params with special bit patterns in frozen places (subnormals, +-0.0, and
+    NaN payloads / +-inf where the optimizer tolerates them), STEPS gradients
+    with NaN/Inf there."""
     leaves, treedef = jax.tree.flatten(params)
     p_out, g_out = [], [[] for _ in range(STEPS)]
     for i, x in enumerate(leaves):
         fz = selection.frozen_elements(i, x.shape)
-        # About half the frozen entries special (-0.0 pins the bits eagerly too),
-        # the rest ordinary values that weight decay would move.
-        param_values = [-0.0, 0.0]
-        if selection.masks[i] is True or nan_in_frozen_elements:
-            param_values += [np.nan, -np.nan, np.inf]
-        p_out.append(_poison(x, fz & (rng.random(x.shape) < 0.5), rng, param_values))
+        # About half the frozen entries special, the rest ordinary values that
+        # weight decay would move.
+        finite = not (selection.masks[i] is True or nan_in_frozen_elements)
+        p_out.append(_special(x, fz & (rng.random(x.shape) < 0.5), rng, finite=finite))
         for s in range(STEPS):
-            g = rng.standard_normal(x.shape).astype(np.float32)
+            g = random_array(rng, x.shape, x.dtype.name)
             g_out[s].append(_poison(g, fz, rng, [np.nan, np.inf, -np.inf, -0.0, 1e30]))
     return treedef.unflatten(p_out), [treedef.unflatten(g) for g in g_out]
 
@@ -80,17 +102,20 @@ def _identity(f):
     return f
 
 
-def run(tx, params, grads_seq, mode=_identity, post=_identity):
+def run(tx, params, grads_seq, mode=_identity, post=_identity, frozen=None):
     """init + one update per gradient; returns final params, all updates, final state.
 
     ``mode`` wraps init and the step (jax.jit: one compile, reused every step);
-    ``post`` is applied to each update before it is applied.
+    ``post`` is applied to each update before it is applied; with ``frozen``,
+    updates are applied by ``jf.apply_updates`` (else ``optax.apply_updates``).
     """
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         updates = post(updates)
-        return optax.apply_updates(params, updates), updates, state
+        if frozen is None:
+            return optax.apply_updates(params, updates), updates, state
+        return jf.apply_updates(params, updates, frozen=frozen), updates, state
 
     state = mode(tx.init)(params)
     step = mode(step)
@@ -119,7 +144,7 @@ def check_freeze_law(mode, make_inner, params, selection, grads_seq):
     masks = selection.masks
     keep = [i for i, m in enumerate(masks) if m is not True]  # not wholly frozen
     tx = jf.freeze(make_inner(), frozen=selection.selector)
-    new, all_updates, state = run(tx, params, grads_seq, mode)
+    new, all_updates, state = run(tx, params, grads_seq, mode, frozen=selection.selector)
 
     p0 = jax.tree.leaves(params)
     ref_params = [p0[i] for i in keep]
@@ -170,7 +195,7 @@ def test_freeze_law_property(name, mode, request):
         examples = EXAMPLES_MULTISTEPS_EAGER
 
     @property_settings(examples, shrink=mode_id == "eager")
-    @given(trees_and_selections(max_leaves=4))
+    @given(trees_and_selections(max_leaves=4, rich=True, frozen_dtypes=FLOAT_DTYPES))
     def prop(case):
         params, selection, rng = case
         params, grads_seq = make_case(
@@ -323,3 +348,166 @@ def test_selective_transform_migrates_to_freeze(mask, mode):
     for x, y, m in zip(jax.tree.leaves(new), jax.tree.leaves(params), jax.tree.leaves(frozen_mask)):
         if m:
             np.testing.assert_array_equal(bits(x), bits(y))
+
+
+# --------------------------------------------------------------------------
+# Every bit pattern: jf.apply_updates selects; optax.apply_updates adds.
+
+ALL_DTYPES = [pytest.param(d, id=d) for d in FLOAT_DTYPES]
+
+
+def _every_pattern(dtype):
+    """Each special bit pattern of ``dtype`` once (complex64: each in each part)."""
+    rng = np.random.default_rng(0)
+    x = special_values(rng, dtype, (64,))
+    return np.concatenate([x, x[::-1]])  # both orders, so 0/1 element masks hit each
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_apply_updates_keeps_every_bit(dtype, mode):
+    x = _every_pattern(dtype)
+    params = {"whole": x, "elems": x}
+    frozen = jf.paths("whole") | jf.elements("elems", np.arange(x.size) % 2 == 0)
+    tx = jf.freeze(optax.sgd(0.5), frozen=frozen)
+    grads = jax.tree.map(lambda p: jnp.ones(p.shape, p.dtype), params)
+
+    def step(p, g):
+        updates, _ = tx.update(g, tx.init(p), p)
+        return jf.apply_updates(p, updates, frozen=frozen), updates
+
+    new, updates = mode(step)(params, grads)
+    np.testing.assert_array_equal(bits(new["whole"]), bits(x))
+    np.testing.assert_array_equal(bits(new["elems"])[::2], bits(x)[::2])
+    # Trainable entries: exactly what optax.apply_updates gives.
+    ref = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(bits(new["elems"])[1::2], bits(ref["elems"])[1::2])
+    if mode is not jax.jit:
+        assert new["whole"] is x  # the very same object
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_optax_apply_updates_keeps_and_flushes_what_the_freeze_docstring_says(dtype):
+    # Pins jf.freeze's docstring: eagerly, p + (-0.0) keeps +-0.0 (complex parts
+    # too: the update is -0-0j), +-inf and f32/f16 quiet-NaN payloads; it
+    # flushes f32/bf16 subnormals, quiets signalling NaNs and drops bf16 NaN
+    # payloads; f16 subnormals are kept.
+    x = _every_pattern(dtype)
+    tx = jf.freeze(optax.sgd(0.5), frozen=jf.paths("a"))
+    updates, _ = tx.update({"a": jnp.ones(x.shape, x.dtype)}, tx.init({"a": x}))
+    got = np.asarray(optax.apply_updates({"a": x}, updates)["a"])
+    parts = (lambda v: [v.real, v.imag]) if dtype == "complex64" else (lambda v: [v])
+    for before, after in zip(parts(x), parts(got)):
+        kind = "float32" if dtype == "complex64" else dtype
+        b0, b1 = bits(before).astype(np.uint64), bits(after).astype(np.uint64)
+        width = 8 * before.dtype.itemsize
+        exp_bits = {"float32": 8, "bfloat16": 8, "float16": 5}[kind]
+        mant = (1 << (width - 1 - exp_bits)) - 1
+        exp = ((b0 >> (width - 1 - exp_bits)) & ((1 << exp_bits) - 1)).astype(np.int64)
+        subnormal = (exp == 0) & ((b0 & mant) != 0)
+        nan = (exp == (1 << exp_bits) - 1) & ((b0 & mant) != 0)
+        quiet = (b0 >> (width - 2 - exp_bits)) & 1 == 1
+        kept = ~subnormal & ~nan
+        np.testing.assert_array_equal(b1[kept], b0[kept])  # +-0.0, +-inf, normals
+        if kind == "float16":
+            np.testing.assert_array_equal(b1[subnormal], b0[subnormal])
+        else:
+            np.testing.assert_array_equal(b1[subnormal], b0[subnormal] & (1 << (width - 1)))
+        quiet_bit = np.uint64(1 << (width - 2 - exp_bits))
+        assert (b1[nan] & quiet_bit).all()  # every NaN comes out quiet
+        if kind == "bfloat16":
+            np.testing.assert_array_equal(b1[nan], (b0[nan] & ~np.uint64(mant)) | quiet_bit)
+        else:
+            np.testing.assert_array_equal(b1[nan], b0[nan] | quiet_bit)  # payload kept
+        assert (~quiet[nan]).any()  # the patterns include signalling NaNs ...
+        assert subnormal.any() or kind == "float16"
+
+
+def test_apply_updates_frozen_leaves_may_have_no_or_float0_updates():
+    # A frozen int leaf's gradient is float0 (jax.grad(allow_int=True)): optax's
+    # add fails on it; jf.apply_updates never touches a whole frozen leaf.
+    params = {"step": jnp.arange(3), "w": jnp.ones(2), "hole": None}
+    frozen = jf.paths("step")
+    grads = jax.grad(lambda p: (p["w"] ** 2).sum(), allow_int=True)(params)
+    tx = jf.freeze(optax.adam(0.1), frozen=frozen)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    with pytest.raises(TypeError, match="float0"):
+        optax.apply_updates(params, updates)
+    new = jf.apply_updates(params, updates, frozen=frozen)
+    assert new["step"] is params["step"] and new["hole"] is None
+    np.testing.assert_array_equal(new["w"], optax.apply_updates(params["w"], updates["w"]))
+    new = jf.apply_updates(params, {**updates, "step": None}, frozen=frozen)
+    assert new["step"] is params["step"]
+
+
+def test_apply_updates_errors_name_paths():
+    params = {"a": jnp.ones(2), "b": {"c": jnp.ones(2)}}
+    with pytest.raises(ValueError, match=r"only in the params: 'b/c'; only in the updates: 'b/d'"):
+        jf.apply_updates(params, {"a": jnp.ones(2), "b": {"d": jnp.ones(2)}}, frozen=jf.paths("a"))
+    with pytest.raises(ValueError, match=r"trainable leaf at path 'b/c' has no update \(None\)"):
+        jf.apply_updates(params, {"a": jnp.ones(2), "b": {"c": None}}, frozen=jf.paths("a"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_complex_frozen_update_keeps_a_negative_zero_imaginary_part(mode):
+    # The frozen update is -0-0j: -0+0j added to (1 - 0j) gives (1 + 0j).
+    x = np.array([1.0], np.complex64)
+    x.imag = -0.0
+    tx = jf.freeze(optax.adam(0.1), frozen=jf.paths("z") | jf.elements("e", [True, False]))
+    params = {"z": x, "e": np.concatenate([x, x])}
+
+    def step(p):
+        updates, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
+        return optax.apply_updates(p, updates)
+
+    new = mode(step)(params)
+    np.testing.assert_array_equal(bits(new["z"]), bits(x))
+    np.testing.assert_array_equal(bits(new["e"])[:1], bits(x))
+
+
+ELEMENT_DTYPE_OPTIMIZERS = {k: OPTIMIZERS[k][0] for k in ("sgd_momentum", "adam")}
+# jit compiles the trainable entries' arithmetic with the jnp.where masks around
+# it; allow a few ulps of the dtype (a leak of NaN/Inf/1e30 is far outside).
+RTOL = {"float32": 1e-5, "complex64": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(ELEMENT_DTYPE_OPTIMIZERS))
+def test_element_wise_frozen_bits_every_dtype_property(name, mode, request):
+    """Element-wise frozen entries of f32/bf16/f16/complex64 leaves keep every bit."""
+    make_inner = ELEMENT_DTYPE_OPTIMIZERS[name]
+    from strategies import Leaf, materialize, selections, skeletons
+    import hypothesis.strategies as st
+
+    @st.composite
+    def cases(draw):
+        skeleton = draw(skeletons(3, rich=True, dtypes=FLOAT_DTYPES))
+        return skeleton, draw(selections(skeleton)), draw(st.integers(0, 2**32 - 1))
+
+    @property_settings(4, shrink=False)
+    @given(cases())
+    def prop(case):
+        skeleton, selection, seed = case
+        rng = np.random.default_rng(seed)
+        params, grads_seq = make_case(materialize(skeleton, rng), selection, rng,
+                                      nan_in_frozen_elements=True)
+        tx = jf.freeze(make_inner(), frozen=selection.selector)
+        new, _, _ = run(tx, params, grads_seq, mode, frozen=selection.selector)
+        keep = [i for i, m in enumerate(selection.masks) if m is not True]
+        p0 = jax.tree.leaves(params)
+        masks = [selection.masks[i] for i in keep]
+        ref = run_reference(make_inner(), [p0[i] for i in keep],
+                            [[jax.tree.leaves(g)[i] for i in keep] for g in grads_seq], masks, mode)
+        ref = dict(zip(keep, ref))
+        for i, (before, after) in enumerate(zip(p0, jax.tree.leaves(new))):
+            fz = selection.frozen_elements(i, before.shape)
+            np.testing.assert_array_equal(bits(after)[fz], bits(before)[fz], err_msg=f"leaf {i}")
+            if i in ref:
+                got, want = np.asarray(after)[~fz], np.asarray(ref[i])[~fz]
+                if mode is jax.jit:
+                    np.testing.assert_allclose(got.astype(np.complex128), want.astype(np.complex128),
+                                               rtol=RTOL[before.dtype.name], atol=1e-6)
+                else:
+                    np.testing.assert_array_equal(bits(got), bits(want), err_msg=f"leaf {i}")
+
+    prop()
