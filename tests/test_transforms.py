@@ -511,3 +511,217 @@ def test_element_wise_frozen_bits_every_dtype_property(name, mode, request):
                     np.testing.assert_array_equal(bits(got), bits(want), err_msg=f"leaf {i}")
 
     prop()
+
+
+# --------------------------------------------------------------------------
+# Optimizers that call a function of the params (sophia's obj_fn, lbfgs's value_fn).
+
+
+def _loss(p):
+    return jnp.sum(p["a"] ** 2 * p["b"] ** 2) + jnp.sum((p["b"] - 0.3) ** 2) + jnp.sum(p["a"])
+
+
+PARAMS_FN = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([0.5, -1.0])}
+
+
+def _alone(fn, frozen_a):
+    """``fn`` of the trainable subset alone, the frozen leaf closed over."""
+    return lambda sub: fn({"a": frozen_a, **sub})
+
+
+@pytest.mark.parametrize("how", ["freeze", "partition"])
+def test_sophia_sees_frozen_leaves_filled_back(how):
+    if how == "freeze":
+        tx = jf.freeze(optax.contrib.sophia(0.1), frozen=jf.paths("a"))
+    else:
+        tx = jf.partition({"t": optax.contrib.sophia(0.1), "f": None}, {"a": "f", "b": "t"})
+    ref = optax.contrib.sophia(0.1)
+    p, sub = PARAMS_FN, {"b": PARAMS_FN["b"]}
+    state, rstate = tx.init(p), ref.init(sub)
+    for _ in range(3):
+        updates, state = tx.update(jax.grad(_loss)(p), state, p, obj_fn=_loss)
+        rupdates, rstate = ref.update({"b": jax.grad(_loss)(p)["b"]}, rstate, sub,
+                                      obj_fn=_alone(_loss, p["a"]))
+        p = jf.apply_updates(p, updates, frozen=jf.paths("a"))
+        sub = optax.apply_updates(sub, rupdates)
+    assert p["a"] is PARAMS_FN["a"]
+    np.testing.assert_array_equal(bits(p["b"]), bits(sub["b"]))
+    assert not np.array_equal(p["b"], PARAMS_FN["b"])
+
+
+def test_sophia_element_wise_frozen_entries_have_no_curvature():
+    frozen = jf.elements("b", [True, False])
+    tx = jf.freeze(optax.contrib.sophia(0.1), frozen=frozen)
+    p, state = PARAMS_FN, tx.init(PARAMS_FN)
+    for _ in range(3):
+        updates, state = tx.update(jax.grad(_loss)(p), state, p, obj_fn=_loss)
+        p = jf.apply_updates(p, updates, frozen=frozen)
+    np.testing.assert_array_equal(bits(p["b"][:1]), bits(PARAMS_FN["b"][:1]))
+    nu = optax.tree.get(state, "nu")["b"]  # EMA of the hessian diagonal
+    assert float(nu[0]) == 0.0 and float(nu[1]) != 0.0
+    assert p["b"][1] != PARAMS_FN["b"][1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lbfgs_inside_freeze_equals_lbfgs_on_the_trainable_leaves(mode):
+    tx = jf.freeze(optax.lbfgs(), frozen=jf.paths("a"))
+    ref = optax.lbfgs()
+    alone = _alone(_loss, PARAMS_FN["a"])
+
+    def step(p, state, sub, rstate):
+        value, grad = jax.value_and_grad(_loss)(p)
+        updates, state = tx.update(grad, state, p, value=value, grad=grad, value_fn=_loss)
+        rvalue, rgrad = jax.value_and_grad(alone)(sub)
+        rupdates, rstate = ref.update(rgrad, rstate, sub, value=rvalue, grad=rgrad, value_fn=alone)
+        return (jf.apply_updates(p, updates, frozen=jf.paths("a")), state,
+                optax.apply_updates(sub, rupdates), rstate)
+
+    p, sub = PARAMS_FN, {"b": PARAMS_FN["b"]}
+    state, rstate = tx.init(p), ref.init(sub)
+    for _ in range(3):
+        p, state, sub, rstate = mode(step)(p, state, sub, rstate)
+    np.testing.assert_array_equal(bits(p["a"]), bits(PARAMS_FN["a"]))
+    np.testing.assert_array_equal(bits(p["b"]), bits(sub["b"]))
+    assert _loss(p) < _loss(PARAMS_FN)
+
+
+# --------------------------------------------------------------------------
+# Errors: the inner optimizer's own, and a tree that changed since init.
+
+
+def test_inner_optimizer_error_is_kept_with_a_none_hole():
+    params = {"a": jnp.ones(2), "hole": None}
+    tx = jf.freeze(optax.adamw(1e-3), frozen=jf.nothing)
+    with pytest.raises(ValueError, match="not passing `params`") as e:
+        tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params))
+    assert "no leaf at" not in str(e.value)
+
+
+P2 = {"a": jnp.ones(2), "b": {"c": jnp.ones(3), "d": jnp.ones(2)}}
+
+
+@pytest.mark.parametrize("case, match", [
+    ("renamed", r"only in the tree given to init: 'b/d'; paths only in the updates: 'b/e'"),
+    ("extra", r"paths only in the updates: 'x'"),
+    ("reshaped", r"shape changed: 'b/c' \(\(3,\) at init, \(4,\) now\)"),
+    ("reselected", r"routed away \(frozen, or another label\) at init but not now: 'a'; "
+                   r"paths routed away \(frozen, or another label\) now but not at init: 'b/d'"),
+])
+@pytest.mark.parametrize("who", ["jf.freeze", "jf.partition"])
+def test_update_on_another_tree_names_the_paths(case, match, who):
+    init_frozen = {"a": True, "b": {"c": False, "d": False}}
+
+    def make(frozen):
+        if who == "jf.freeze":
+            return jf.freeze(optax.adam(0.1), frozen=frozen)
+        labels = jax.tree.map(lambda m: "f" if m else "t", frozen)
+        return jf.partition({"t": optax.adam(0.1), "f": None}, labels)
+
+    state = make(init_frozen).init(P2)
+    tree, frozen = P2, init_frozen
+    if case == "renamed":
+        tree = {"a": P2["a"], "b": {"c": P2["b"]["c"], "e": jnp.ones(2)}}
+        frozen = {"a": True, "b": {"c": False, "e": False}}
+    elif case == "extra":
+        tree, frozen = {**P2, "x": jnp.ones(1)}, {**init_frozen, "x": False}
+    elif case == "reshaped":
+        tree = {"a": P2["a"], "b": {"c": jnp.ones(4), "d": P2["b"]["d"]}}
+    else:
+        frozen = {"a": False, "b": {"c": False, "d": True}}
+    with pytest.raises(ValueError, match=f"{who}: the optimizer state does not match.*{match}"):
+        make(frozen).update(jax.tree.map(jnp.ones_like, tree), state, tree)
+
+
+def test_a_selector_that_selects_other_leaves_at_update_names_them():
+    # jf.where on the dtype: f32 params at init, bf16 gradients at update.
+    params = {"a": jnp.ones(2), "b": jnp.ones(2, jnp.bfloat16)}
+    tx = jf.freeze(optax.sgd(0.1, momentum=0.9),
+                   frozen=jf.where(lambda path, leaf: leaf.dtype == jnp.float32))
+    state = tx.init(params)
+    grads = {"a": jnp.ones(2, jnp.bfloat16), "b": jnp.ones(2, jnp.bfloat16)}
+    with pytest.raises(ValueError, match="at init but not now: 'a'"):
+        tx.update(grads, state, params)
+
+
+# --------------------------------------------------------------------------
+# Limits (pinned so the docstring and README stay true).
+
+
+def _limit_run(tx, mode, apply):
+    params = {"f": jnp.array([-0.0, 1.0]), "t": jnp.array([1.0, 2.0])}
+    grads = {"f": jnp.array([jnp.nan, 1.0]), "t": jnp.array([0.5, -0.5])}
+
+    def step(p, s):
+        u, s = tx.update(grads, s, p)
+        return apply(p, u), s
+
+    p, s = params, tx.init(params)
+    for _ in range(3):
+        p, s = mode(step)(p, s)
+    return params, p, s
+
+
+FROZEN_F = jf.paths("f")
+WRAPPERS = {
+    "chain": (lambda inner: optax.chain(inner, optax.scale(-0.1)), lambda: optax.scale_by_adam()),
+    "multisteps": (lambda inner: optax.MultiSteps(inner, every_k_schedule=2),
+                   lambda: optax.adam(0.1)),
+    "apply_if_finite": (lambda inner: optax.apply_if_finite(inner, 5), lambda: optax.adam(0.1)),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_freeze_must_be_outermost(wrapper, mode):
+    wrap, make_inner = WRAPPERS[wrapper]
+    outside = wrap(jf.freeze(make_inner(), frozen=FROZEN_F))  # the wrong order
+    inside = jf.freeze(wrap(make_inner()), frozen=FROZEN_F)   # the right one
+    p0, good, good_state = _limit_run(inside, mode, optax.apply_updates)
+    _, bad, bad_state = _limit_run(outside, mode, optax.apply_updates)
+    # Right order: frozen bits kept, no state for the frozen leaf, and it trains.
+    np.testing.assert_array_equal(bits(good["f"]), bits(p0["f"]))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(good_state)
+               if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+    assert not np.array_equal(good["t"], p0["t"])
+    # Wrong order: what each wrapper does (see jf.freeze's docstring).
+    lost_zero = bits(bad["f"])[0] == 0  # -0.0 -> +0.0
+    if wrapper == "chain":
+        assert lost_zero or mode is jax.jit  # eagerly the +0.0 update is added
+    else:
+        assert lost_zero  # skipped steps update by +0.0, eagerly and under jit
+    if wrapper == "multisteps":  # an accumulator for the frozen leaf, NaN from its gradient
+        assert sum(np.size(x) for x in jax.tree.leaves(bad_state)) > sum(
+            np.size(x) for x in jax.tree.leaves(good_state))
+        assert not np.isfinite(np.asarray(bad_state.acc_grads["f"])).all()
+    if wrapper == "apply_if_finite":  # the NaN frozen gradient skips every step
+        np.testing.assert_array_equal(bad["t"], p0["t"])
+    # jf.apply_updates keeps the frozen bits whatever the order.
+    _, kept, _ = _limit_run(outside, mode, lambda p, u: jf.apply_updates(p, u, frozen=FROZEN_F))
+    np.testing.assert_array_equal(bits(kept["f"]), bits(p0["f"]))
+
+
+@pytest.mark.parametrize("name, depends", [
+    ("sgd_momentum", False), ("adam", False), ("adamw", False), ("lion", False),
+    ("rmsprop", False), ("adagrad", False), ("adabelief", False), ("clip_adamw", False),
+    ("novograd", False), ("lamb", True), ("adafactor", True), ("lars", True),
+])
+def test_element_wise_freezing_with_parameter_norm_optimizers(name, depends):
+    # A partly frozen leaf reaches the inner optimizer whole: lamb/lars (trust
+    # ratio) and adafactor (parameter scale) see the frozen entries' values.
+    make = (lambda: optax.lars(0.1)) if name == "lars" else OPTIMIZERS[name][0]
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3)).astype(np.float32) + 2
+    g = {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}
+    frozen = jf.elements("w", np.s_[:, 0])
+
+    def trainable_update(column):
+        p = {"w": jnp.asarray(w).at[:, 0].set(column)}
+        tx = jf.freeze(make(), frozen=frozen)
+        s = tx.init(p)
+        for _ in range(2):
+            u, s = tx.update(g, s, p)
+        return np.asarray(u["w"])[:, 1:]
+
+    one, hundred, nan = (trainable_update(c) for c in (1.0, 100.0, np.nan))
+    assert (not np.array_equal(one, hundred)) == depends
+    assert np.isnan(nan).any() == depends
