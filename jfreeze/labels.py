@@ -57,6 +57,11 @@ def labels(rules: Mapping[Hashable, FrozenSpec], *, default: Hashable = _NO_DEFA
     error naming its path. Labels apply to whole leaves: an element-wise
     selector here is an error (use :func:`jfreeze.freeze` for elements).
 
+    Give optax the label *function*, not the label tree it returns: the tree
+    has the params' type, and optax calls a callable label tree, which an
+    Equinox module is (paths there are attribute names and list indices,
+    ``layers/0/weight``). :func:`jfreeze.partition` accepts either.
+
     Args:
       rules: ``{label: selector}``; a selector may also be anything ``frozen=``
         accepts (a bool mask tree or mask function).
