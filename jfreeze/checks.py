@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,22 +27,32 @@ class ComputeReport:
     Attributes:
       flops: compiled FLOPs of the step as written.
       ideal_flops: compiled FLOPs of the same step with the frozen leaves not
-        differentiated (``stop_gradient`` on them inside each ``jax.grad``).
+        differentiated (``stop_gradient`` on them inside every differentiation).
       ratio: ``flops / ideal_flops``.
-      ok: whether ``flops <= ideal_flops * (1 + rtol)``.
+      ok: True: verified, no frozen weight gradient survives (``flops <=
+        ideal_flops * (1 + rtol)`` and the check saw every differentiation and
+        every differentiated value). False: frozen weight gradients survive
+        (measured). None: could not verify (see ``unverified``); never read
+        None as a pass.
       differentiated: how many whole frozen leaves the step differentiates
         (0: it never asks for their gradients, e.g. it uses ``jf.split``).
+      element_wise: how many element-wise frozen leaves the step differentiates.
+        Their weight gradients are needed (for their trainable elements) and are
+        computed in full; they are not counted as frozen leaves.
       leaking_outputs: output paths (``/``-joined, one or two levels deep)
         whose computation pulls frozen weight gradients back in.
+      unverified: why the check could not verify (empty when it could).
       message: the verdict, the likely cause and the fix.
     """
 
     flops: float
     ideal_flops: float
     ratio: float
-    ok: bool
+    ok: bool | None
     differentiated: int
+    element_wise: int
     leaking_outputs: tuple[str, ...]
+    unverified: tuple[str, ...]
     message: str
 
     def __str__(self) -> str:
@@ -71,71 +82,150 @@ def _flops(fn: Callable, args: tuple, *, compiled: bool = True) -> float:
 
 
 _PATCH_LOCK = threading.Lock()
+_SEEN = "jfreeze_check_seen"  # the name scope around each differentiation the hook saw
+
+
+def _autodiff_internals() -> tuple[Any, Any] | None:
+    """``(jax._src.interpreters.ad, jax._src.api)`` if they look as the hook expects.
+
+    Every public differentiation API of jax 0.10 reaches autodiff through two
+    functions of ``jax._src.interpreters.ad``, looked up on that module at call
+    time: ``ad.linearize(traceable, primals_ft, ...)`` (``vjp``, hence ``grad``,
+    ``value_and_grad``, ``jacrev``, ``hessian``, ``nnx.grad``, ``eqx.filter_grad``;
+    and ``linearize``) and ``ad.jvp(fun, primals, tangents, ...)`` (``jvp``,
+    ``jacfwd``). Autodiff also names what it emits: each equation's name stack
+    holds a ``jvp`` / ``transpose`` transform (``source_info_util.Transform``), so
+    equations with one but without the hook's scope were differentiated by a path
+    the hook did not see (an alias bound at import, a cached inner ``jax.jit``).
+    None: another layout (another JAX version) -- the check then reports that
+    it could not verify.
+    """
+    try:
+        from jax._src import api, source_info_util
+        from jax._src.interpreters import ad
+    except ImportError:
+        return None
+    try:
+        names = {
+            "linearize": ["traceable", "primals_ft"],
+            "jvp": ["fun", "primals", "tangents"],
+        }
+        for name, params in names.items():
+            got = list(inspect.signature(getattr(ad, name)).parameters)
+            if got[: len(params)] != params:
+                return None
+        if getattr(api, "ad", None) is not ad:
+            return None
+        if not isinstance(source_info_util.Transform, type):
+            return None
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return ad, api
+
+
+@dataclasses.dataclass
+class _Seen:
+    """What the hook saw while the reference step was traced."""
+
+    frozen: set[int]  # ids of values that stand for frozen leaves (inputs, and stopped copies)
+    known: set[int]  # ids of other values the step was given (or that the hook passed on)
+    keep: list  # the objects behind those ids, kept alive so no id is reused
+    calls: int = 0  # differentiations seen
+    stopped: set[int] = dataclasses.field(default_factory=set)  # input frozen leaves stopped
+    unidentified: int = 0  # differentiated tracers that are neither of the above
+    unseen: int = 0  # differentiations the hook could not wrap
+    primals: set[int] = dataclasses.field(default_factory=set)  # ids of everything differentiated
+
+    def register(self, x: Any, frozen: bool) -> None:
+        (self.frozen if frozen else self.known).add(id(x))
+        self.keep.append(x)
+
+
+def _is_float(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.inexact)
 
 
 @contextlib.contextmanager
-def _frozen_not_differentiated(frozen_ids: set[int], seen: set[int]) -> Iterator[None]:
-    """While tracing, ``jax.grad`` / ``value_and_grad`` / ``vjp`` stop the gradient of
-    the frozen leaves (recognised by the identity of their jit tracers).
+def _frozen_not_differentiated(seen: _Seen, inputs: set[int]) -> Iterator[bool]:
+    """While tracing on this thread, every differentiation sees the frozen leaves
+    through ``stop_gradient`` (recognised by the identity of their tracers).
 
-    A differentiated function whose arguments hold none of them is left as is.
+    Yields whether the hook is installed (False: unknown JAX internals).
+    ``inputs``: ids of the step's own frozen leaves (to count ``stopped``).
     """
-    names = ("grad", "value_and_grad", "vjp")
-    originals = {n: getattr(jax, n) for n in names}
+    internals = _autodiff_internals()
+    if internals is None:
+        yield False
+        return
+    ad, _ = internals
+    owner = threading.get_ident()
+    originals = {"linearize": ad.linearize, "jvp": ad.jvp}
 
-    def stopped(fun: Callable, positions: list[int], flat_count: int, treedef: Any) -> Callable:
-        # `fun` with stop_gradient on the frozen leaves among its flattened args.
+    def stopped(fun: Callable, treedef: Any, positions: list[int]) -> Callable:
         def wrapped(*args):
-            leaves, tdef = jax.tree_util.tree_flatten(args)
-            if tdef != treedef or len(leaves) != flat_count:
-                return fun(*args)
-            for i in positions:
-                leaves[i] = jax.lax.stop_gradient(leaves[i])
-            return fun(*jax.tree_util.tree_unflatten(tdef, leaves))
+            leaves = treedef.flatten_up_to(args)
+            with jax.named_scope(_SEEN):  # marks what this differentiation emits
+                for j, x in enumerate(leaves):
+                    if j in positions:
+                        leaves[j] = jax.lax.stop_gradient(x)
+                    # nested differentiation (hessian, MAML) sees these values as primals
+                    seen.register(leaves[j], j in positions)
+                return fun(*treedef.unflatten(leaves))
 
         return wrapped
 
-    def frozen_positions(args: tuple, diff_argnums: set[int] | None) -> tuple[list[int], Any, int]:
-        positions, offset = [], 0
-        for k, arg in enumerate(args):
-            leaves = jax.tree_util.tree_leaves(arg)
-            if diff_argnums is None or k in diff_argnums:
-                for j, x in enumerate(leaves):
-                    if id(x) in frozen_ids:
-                        positions.append(offset + j)
-                        seen.add(id(x))
-            offset += len(leaves)
-        return positions, jax.tree_util.tree_structure(args), offset
-
-    def make_grad(name: str) -> Callable:
+    def hooked(name: str) -> Callable:
         original = originals[name]
 
-        def patched(fun, argnums=0, *a, **k):
-            def call(*args, **kwargs):
-                nums = {argnums} if isinstance(argnums, int) else set(argnums)
-                nums = {n % len(args) for n in nums}
-                positions, treedef, count = frozen_positions(args, nums)
-                f = stopped(fun, positions, count, treedef) if positions else fun
-                return original(f, argnums, *a, **k)(*args, **kwargs)
+        def call(fun, primals, *rest, **kwargs):
+            if threading.get_ident() != owner:
+                return original(fun, primals, *rest, **kwargs)
+            treedef = getattr(primals, "tree", None)
+            if treedef is None:  # not the FlatTree of jax 0.10: cannot wrap, say so
+                seen.unseen += 1
+                return original(fun, primals, *rest, **kwargs)
+            positions = []
+            for j, x in enumerate(primals):
+                seen.primals.add(id(x))
+                if not _is_float(x) or id(x) in seen.known:
+                    continue
+                if id(x) in seen.frozen:
+                    positions.append(j)
+                    if id(x) in inputs:
+                        seen.stopped.add(id(x))
+                elif isinstance(x, jax.core.Tracer):
+                    seen.unidentified += 1  # derived inside the step: frozen or not?
+            seen.calls += 1
+            return original(stopped(fun, treedef, positions), primals, *rest, **kwargs)
 
-            return call
-
-        return patched
-
-    def patched_vjp(fun, *primals, **k):
-        positions, treedef, count = frozen_positions(primals, None)
-        f = stopped(fun, positions, count, treedef) if positions else fun
-        return originals["vjp"](f, *primals, **k)
+        return call
 
     with _PATCH_LOCK:
-        jax.grad = make_grad("grad")
-        jax.value_and_grad = make_grad("value_and_grad")
-        jax.vjp = patched_vjp
+        ad.linearize, ad.jvp = hooked("linearize"), hooked("jvp")
         try:
-            yield
+            yield True
         finally:
-            for n, f in originals.items():
-                setattr(jax, n, f)
+            ad.linearize, ad.jvp = originals["linearize"], originals["jvp"]
+
+
+def _unseen_differentiation(jaxpr: Any, prefix: tuple = ()) -> int:
+    """How many equations of ``jaxpr`` (nested jaxprs included) autodiff emitted
+    outside the hook's scope. A nested jaxpr's name stacks are relative to its
+    equation's, hence the prefix."""
+    from jax._src import source_info_util
+
+    count = 0
+    for eqn in jaxpr.eqns:
+        stack = prefix + tuple(eqn.source_info.name_stack.stack)
+        if not any(getattr(e, "name", None) == _SEEN for e in stack) and any(
+            isinstance(e, source_info_util.Transform) and e.name in ("jvp", "transpose")
+            for e in stack
+        ):
+            count += 1
+        for sub in jex.core.jaxprs_in_params(eqn.params):
+            count += _unseen_differentiation(getattr(sub, "jaxpr", sub), stack)
+    return count
 
 
 def _groups(paths: list[str], idx: list[int], depth: int) -> dict[str, list[int]]:
@@ -146,12 +236,13 @@ def _groups(paths: list[str], idx: list[int], depth: int) -> dict[str, list[int]
     return groups
 
 
-def _traced(fn: Callable, args: tuple) -> tuple[Callable, list]:
+def _traced(fn: Callable, args: tuple) -> tuple[Callable, list, Any]:
     """``fn`` traced once: a function of the flattened args returning the flat outputs
-    (so each output group is lowered without re-running the user's Python), and the
-    outputs' ``(path, shape)`` pairs."""
+    (so each output group is lowered without re-running the user's Python), the
+    outputs' ``(path, shape)`` pairs, and the jaxpr."""
     closed, out = jax.make_jaxpr(fn, return_shape=True)(*args)
-    return jex.core.jaxpr_as_fun(closed), jax.tree_util.tree_flatten_with_path(out)[0]
+    flat_out = jax.tree_util.tree_flatten_with_path(out)[0]
+    return jex.core.jaxpr_as_fun(closed), flat_out, closed.jaxpr
 
 
 def _only(run: Callable, idx: list[int] | None = None) -> Callable:
@@ -178,31 +269,44 @@ def check_frozen_compute(
     gradients or ``optax.tree.norm(grads)`` for logging, or a global transform
     (``clip_by_global_norm``) chained outside the freeze. This check compares
     the compiled FLOPs (``cost_analysis``) of the step as written with those of
-    the same step in which each ``jax.grad`` / ``jax.value_and_grad`` /
-    ``jax.vjp`` that the step calls on the frozen leaves sees them through
+    the same step in which every differentiation sees the frozen leaves through
     ``stop_gradient``: the step as it would be if frozen weight gradients were
     never computed. (Closing the frozen leaves over as constants would not do:
     ``jax.grad`` differentiates whatever values it is handed.) When the step
     costs more, it lowers each output group alone to name those that use
     frozen gradients.
 
-    How frozen leaves are recognised: by the identity of the traced arrays that
-    ``step_fn`` passes to ``jax.grad`` (and friends, looked up on the ``jax``
-    module while tracing, as flax.nnx does). A gradient function built before
-    the check, or leaves transformed before being differentiated (e.g. cast),
-    are not seen: the report then says the step differentiates no frozen leaf.
-    Pass the un-jitted step (a ``jax.jit`` wrapper is unwrapped). While the
-    reference is traced, ``jax.grad``, ``jax.value_and_grad`` and ``jax.vjp``
-    are wrapped on the ``jax`` module (and restored, whatever happens); calls
-    that hold no frozen leaf pass through unchanged.
+    What it sees: while the reference is traced (on this thread; restored
+    whatever happens), the two functions of JAX's autodiff that every public
+    differentiation API reaches, ``jax._src.interpreters.ad.linearize`` and
+    ``.jvp``, are wrapped: so ``grad``, ``value_and_grad``, ``vjp``, ``jacrev``,
+    ``hessian``, ``jvp``, ``jacfwd``, ``linearize``, ``nnx.grad``,
+    ``eqx.filter_grad``, gradient functions built before the check and losses
+    with custom VJPs are all seen. Frozen leaves are recognised by the identity
+    of the traced arrays handed to the differentiation.
+
+    What it reports when it cannot verify: ``ok=None``, never ``ok=True``, with
+    the reasons in ``unverified`` and the message, when the step differentiates
+    values that are not leaves of its arguments (params cast or otherwise
+    transformed first, passed through an inner ``jax.jit``, ``scan`` or
+    ``vmap``, activations), when autodiff ran by a path the hook did not see
+    (found from the name stacks of what autodiff emitted: a cached inner
+    ``jax.jit``, an internal alias bound at import), or when this JAX version
+    lacks the internals the hook expects (written for jax 0.10). A measured
+    excess is reported as ``ok=False`` all the same.
+
+    Element-wise frozen leaves (``jf.elements``) are differentiated in full: their
+    weight gradients are needed for their trainable elements. They are not
+    stopped and not counted as frozen leaves; ``element_wise`` counts them.
+
+    Pass the un-jitted step (a ``jax.jit`` wrapper is unwrapped).
 
     Args:
       step_fn: the training step, ``step_fn(params, *args)``, un-jitted.
       params: its first argument; ``frozen`` is evaluated on it (for a Flax
         ``TrainState`` use paths such as ``"params/backbone/**"``).
       *args: the other arguments (optimizer state, batch, ...).
-      frozen: what is frozen (anything ``frozen=`` takes). Element-wise frozen
-        leaves need their gradient and are not counted.
+      frozen: what is frozen (anything ``frozen=`` takes).
       rtol: the relative FLOPs excess tolerated.
       explain: when FLOPs are in excess, find the outputs responsible (two
         lowerings per output examined: the top-level outputs, then one level
@@ -225,35 +329,78 @@ def check_frozen_compute(
     >>> report = jf.check_frozen_compute(step, params, frozen=jf.paths("body"))
     >>> report.ok, report.leaking_outputs, round(report.ratio, 1)
     (False, ('1',), 2.0)
+    >>> cast = lambda p: step(jax.tree.map(lambda a: a.astype(jnp.bfloat16), p))
+    >>> jf.check_frozen_compute(cast, params, frozen=jf.paths("body")).ok is None  # not verified
+    True
     """
     sel = as_selector(frozen)
     step_fn = getattr(step_fn, "__wrapped__", step_fn) if hasattr(step_fn, "lower") else step_fn
     flat, masks = sel.masks(params)
-    frozen_index = [i for i, m in enumerate(masks) if m is True]
+    frozen_index = {i for i, m in enumerate(masks) if m is True}
+    element_index = {i for i, m in enumerate(masks) if m is not True and m is not False}
     all_args = (params, *args)
 
-    seen: set[int] = set()
+    seen = _Seen(frozen=set(), known=set(), keep=[])
+    hooked = [False]
+    counts = {}
 
     def ideal(p, *rest):
-        entries = _Flat.of(p).entries
-        ids = {id(entries[i][1]) for i in frozen_index}
-        with _frozen_not_differentiated(ids, seen):
-            return step_fn(p, *rest)
+        # An entry may be a box around the array (an NNX Variable): its JAX leaves are
+        # what differentiation is handed.
+        arrays = [jax.tree_util.tree_leaves(x) for _, x in _Flat.of(p).entries]
+        for i, xs in enumerate(arrays):
+            for x in xs:
+                seen.register(x, i in frozen_index)
+        for x in jax.tree_util.tree_leaves(rest):
+            seen.register(x, False)
+        inputs = {id(x) for i in frozen_index for x in arrays[i]}
+        with _frozen_not_differentiated(seen, inputs) as hooked[0]:
+            out = step_fn(p, *rest)
+        counts["element_wise"] = sum(
+            any(id(x) in seen.primals for x in arrays[i]) for i in element_index
+        )
+        return out
 
     # Each variant is traced once (the user's Python runs twice in all); XLA's cost
     # analysis of the compiled programs gives the headline figures.
     leaves = tuple(jax.tree_util.tree_leaves(all_args))
-    run, out = _traced(step_fn, all_args)
-    run_ideal, _ = _traced(ideal, all_args)
-    differentiated = len(seen)
+    run, out, _ = _traced(step_fn, all_args)
+    run_ideal, _, jaxpr = _traced(ideal, all_args)
+    if hooked[0]:
+        seen.unseen += _unseen_differentiation(jaxpr)
+    del seen.keep[:]  # the tracers of the reference trace are no longer needed
+    differentiated = len(seen.stopped)
+    element_wise = counts["element_wise"]
     flops = _flops(_only(run), leaves, compiled=compiled)
     ideal_flops = _flops(_only(run_ideal), leaves, compiled=compiled)
     ratio = flops / ideal_flops if ideal_flops else (float("inf") if flops else 1.0)
-    ok = flops <= ideal_flops * (1 + rtol)
+    leak = flops > ideal_flops * (1 + rtol)
+    unverified = []
+    if not hooked[0]:
+        unverified.append(
+            f"this JAX version ({jax.__version__}) does not have the autodiff internals the "
+            "check hooks (jax._src.interpreters.ad.linearize and .jvp, as in jax 0.10), so "
+            "no differentiation in the step was seen"
+        )
+    if seen.unseen:
+        unverified.append(
+            "the step differentiates by a path the check does not see (e.g. a cached "
+            "inner jax.jit, or a JAX-internal alias bound at import; "
+            f"{seen.unseen} operation(s) emitted by autodiff outside the hook)"
+        )
+    if seen.unidentified:
+        unverified.append(
+            f"{seen.unidentified} differentiated value(s) are not leaves of the step's "
+            "arguments (params transformed before being differentiated, e.g. cast; passed "
+            "through an inner jax.jit, scan or vmap; or activations), so whether they are "
+            "frozen cannot be told; differentiate the params leaves themselves, or only the "
+            "trainable part (trainable, frozen = jf.split(params, frozen=...))"
+        )
+    ok = False if leak else (None if unverified else True)
 
     leaking: list[str] = []
     shapes: dict[str, list] = {}
-    if not ok and explain:
+    if leak and explain:
         # Which outputs pull frozen gradients in: top-level outputs first, then one level
         # down inside those that do (lowered, not compiled: already pruned to each output).
         paths = [path_str(p) for p, _ in out]
@@ -277,16 +424,27 @@ def check_frozen_compute(
                     shapes[k] = [out[i][1] for i in v]
     program = "compiled step" if compiled else "step (lowered, not compiled)"
     figures = f"{flops:.4g} FLOPs vs {ideal_flops:.4g} with frozen leaves not differentiated"
-    if ok and differentiated == 0:
+    elements = (
+        f" {element_wise} element-wise frozen leaves are differentiated in full: their "
+        "weight gradients are needed for their trainable elements (not counted as frozen "
+        "leaves; jf.freeze keeps their frozen elements fixed)."
+        if element_wise else ""
+    )
+    if ok is None:
         message = (
-            f"ok: the step never asks for the gradients of the {len(frozen_index)} frozen "
-            f"leaves ({figures}). If it differentiates through a gradient function built "
-            "outside the step, or transforms params before jax.grad, this check cannot see it."
+            f"not verified ({figures}, ratio {ratio:.3f}): " + "; and ".join(unverified) + "."
+            + elements
+        )
+    elif ok and differentiated == 0:
+        message = (
+            f"ok: the step never asks for the gradients of the {len(frozen_index)} whole "
+            f"frozen leaves ({figures}; {seen.calls} differentiation(s) seen).{elements}"
         )
     elif ok:
         message = (
             f"ok: frozen weight gradients are dead code in the {program} ({figures}, "
-            f"ratio {ratio:.3f}; {differentiated} frozen leaves are differentiated and dropped)."
+            f"ratio {ratio:.3f}; {differentiated} frozen leaves are differentiated and "
+            f"dropped).{elements}"
         )
     else:
         head = f"frozen weight gradients survive in the {program}: {figures} ({ratio:.2f}x)."
@@ -312,14 +470,18 @@ def check_frozen_compute(
         else:
             used, causes = "", [logging, optimizer]
         cause = used + " Likely cause: " + "; or ".join(causes) + "."
-        message = head + cause
+        more = (" Besides, not all of it could be verified: " + "; and ".join(unverified) + "."
+                if unverified else "")
+        message = head + cause + elements + more
     return ComputeReport(
         flops=flops,
         ideal_flops=ideal_flops,
         ratio=ratio,
         ok=ok,
         differentiated=differentiated,
+        element_wise=element_wise,
         leaking_outputs=tuple(leaking),
+        unverified=tuple(unverified),
         message=message,
     )
 
