@@ -361,3 +361,16 @@ def test_element_wise_frozen_leaves_are_reported_separately(frozen):
     assert report.ratio == pytest.approx(1.0, abs=0.01)
     assert "1 element-wise frozen leaves are differentiated in full" in report.message
     assert "needed for their trainable elements" in report.message
+
+
+@pytest.mark.parametrize("leak", [True, False], ids=["leaking", "clean"])
+def test_a_gradient_inside_lax_switch_that_closes_over_params_is_seen(leak):
+    # Closed over, the params inside the branch are the step's own tracers.
+    def step(params, state, x, y):
+        def branch(_):
+            grads = jax.grad(_loss)(params, x, y)
+            return optax.tree.norm(grads if leak else grads["head"])
+        return jax.lax.switch(jnp.int32(0), [branch, lambda _: jnp.float32(0)], None)
+
+    report = _check(step, explain=False)
+    assert report.ok is (not leak) and report.differentiated == 2, report
