@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from jfreeze.selectors import Mask, Selector, _Flat, as_selector, compact
-from jfreeze.transforms import _as_transform, _constant, _routed, _zero_updates
+from jfreeze.transforms import _as_transform, _constant, _neg_zero, _routed, _zero_updates
 
 __all__ = ["gradual_unfreeze", "GradualUnfreezeState", "thawed_value_and_grad"]
 
@@ -74,7 +74,7 @@ def _thaw_steps(stages: Sequence[tuple[int, Selector]], flat: _Flat) -> list[Any
 
 def _gate(x: Any, is_open: Any) -> Any:
     """``x`` where the leaf (or element) has thawed, ``-0.0`` elsewhere (keeps bits)."""
-    return jnp.where(is_open, x, jnp.array(-0.0, x.dtype))
+    return jnp.where(is_open, x, _neg_zero(x.dtype))
 
 
 def _is_open(count: jax.Array, step: Any) -> Any:
@@ -272,7 +272,10 @@ def thawed_value_and_grad(
         def branch(k: int):  # k = how many thaw steps have passed
             idx = [i for i, s in enumerate(first) if k and s <= bounds[k - 1]]
 
-            def run(leaves):  # args and kwargs are closed over: they may hold non-arrays
+            # Everything is closed over, not passed as switch operands: args and kwargs
+            # may hold non-arrays, and the leaves stay the step's own params (so
+            # jf.check_frozen_compute can tell which ones are differentiated).
+            def run():
                 def f(sub):
                     full = list(leaves)
                     for i, x in zip(idx, sub):
@@ -289,6 +292,6 @@ def thawed_value_and_grad(
 
         k = jnp.sum(jnp.asarray(count) >= jnp.asarray(bounds, jnp.int32)) if bounds else 0
         leaves = [x for _, x in flat.entries]
-        return jax.lax.switch(k, [branch(k) for k in range(len(bounds) + 1)], leaves)
+        return jax.lax.switch(k, [branch(k) for k in range(len(bounds) + 1)])
 
     return value_and_grad

@@ -298,7 +298,9 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
         return _routed(inner, masks, flat).init(params)
 
     def update_fn(updates, state, params=None, **extra_args):
-        flat, masks = sel.masks(updates)
+        # like=params: a selector that answers differently on the updates (e.g. a dtype
+        # test on bf16 gradients) is an error, never a leaf routed another way than at init.
+        flat, masks = sel.masks(updates, like=params)
         updates = _zero_elements(updates, masks)
         extra_args = _filled_fns(extra_args, params, masks)
         tx = _routed(inner, masks, flat)

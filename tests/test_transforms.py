@@ -639,8 +639,10 @@ def test_a_selector_that_selects_other_leaves_at_update_names_them():
                    frozen=jf.where(lambda path, leaf: leaf.dtype == jnp.float32))
     state = tx.init(params)
     grads = {"a": jnp.ones(2, jnp.bfloat16), "b": jnp.ones(2, jnp.bfloat16)}
-    with pytest.raises(ValueError, match="at init but not now: 'a'"):
-        tx.update(grads, state, params)
+    with pytest.raises(ValueError, match="at init but not now: 'a'"):  # no params: the state tells
+        tx.update(grads, state)
+    with pytest.raises(ValueError, match="'a'.*float32.*bfloat16|'a'.*bfloat16.*float32"):
+        tx.update(grads, state, params)  # with params: the selector's two answers are named
 
 
 # --------------------------------------------------------------------------
