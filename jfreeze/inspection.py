@@ -21,6 +21,12 @@ def _nbytes(x: Any) -> int:
     return 0
 
 
+def _is_param(x: Any) -> bool:
+    # Arrays and plain numbers hold parameters; functions, strings, ... do not.
+    is_number = isinstance(x, (int, float, complex)) and not isinstance(x, bool)
+    return (hasattr(x, "shape") and hasattr(x, "dtype")) or is_number
+
+
 def _size(x: Any) -> int:
     return int(np.prod(getattr(x, "shape", ()), dtype=np.int64))
 
@@ -152,6 +158,8 @@ def summary(
     rows: dict[tuple[str, str], Row] = {}
     tot = dict(params=0, frozen=0, bytes=0, frozen_bytes=0)
     for (path, x), m, label in zip(flat.entries, masks, label_of):
+        if not _is_param(x):
+            continue  # e.g. an unfiltered Equinox module's activation functions
         n = _size(x)
         nf = n if m is True else 0 if m is False else int(np.sum(m))
         b = _nbytes(x)

@@ -189,3 +189,13 @@ def test_assert_frozen_passes_and_catches_a_move():
     moved = eqx.tree_at(lambda p: p.layers[0].bias, params, params.layers[0].bias + 1)
     with pytest.raises(AssertionError, match="layers/0/bias"):
         jf.assert_frozen(params, moved, frozen=sel)
+
+
+def test_summary_of_an_unfiltered_model_counts_arrays_only():
+    # Activation functions are leaves of an unfiltered MLP: they are not parameters.
+    model = mlp()
+    s = jf.summary(model, frozen=jf.paths("layers/0/**"))
+    arrays = eqx.filter(model, eqx.is_array)
+    assert s.total == sum(x.size for x in jax.tree.leaves(arrays))
+    assert s.frozen == sum(x.size for x in jax.tree.leaves(arrays.layers[0]))
+    assert "activation" not in str(s)
