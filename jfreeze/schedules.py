@@ -123,7 +123,11 @@ def gradual_unfreeze(
     the schedule is a traced ``count >= step`` comparison: one compilation for
     the whole run, no re-initialisation. Until a leaf thaws, its gradient is
     zeroed before ``inner`` and its update after (``jnp.where``, never a
-    multiplicative mask), so its bits are kept and its moments stay at their
+    multiplicative mask): its update is ``-0.0``, which ``optax.apply_updates``
+    adds, keeping its bits as far as an add does (ordinary values, ``±0.0``,
+    ``±inf``; see :func:`jfreeze.freeze` for the subnormals and NaN payloads an
+    add may flush; the gate is traced, so :func:`jfreeze.apply_updates` can
+    select only what no stage thaws), and its moments stay at their
     initial values (zero for sgd/momentum/adam/adamw/lion/rmsprop, whose state
     updates map zero gradients to zero; adafactor, for one, adds an epsilon).
 

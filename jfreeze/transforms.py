@@ -193,7 +193,18 @@ def _state_mismatch(init: Callable, updates: Any, state: Any) -> str | None:
             "trainable half of jf.split) where the state has one. Build the state from the "
             "tree you update, tx.init(trainable), or pass full updates"
         )
+    if not parts and _structure(expected, is_leaf) != _structure(state, is_leaf):
+        parts.append(
+            "the state was built for a tree with the same paths but other node types (NamedTuple "
+            "or dataclass fields reordered, a list where there is now a tuple, ...); the updates "
+            f"are {_structure(updates, _is_placeholder)}. Build the state with tx.init on the "
+            "tree you update"
+        )
     return "; ".join(parts) or None
+
+
+def _structure(tree: Any, is_leaf: Callable) -> Any:
+    return jax.tree_util.tree_structure(tree, is_leaf=is_leaf)
 
 
 def _update_checked(who: str, tx, updates, state, params, extra_args):

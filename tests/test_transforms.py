@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -595,6 +597,27 @@ def test_inner_optimizer_error_is_kept_with_a_none_hole():
     with pytest.raises(ValueError, match="not passing `params`") as e:
         tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params))
     assert "no leaf at" not in str(e.value)
+
+
+class QK(NamedTuple):
+    q: jax.Array
+    k: jax.Array
+
+
+class KQ(NamedTuple):  # the same fields, reordered in a refactor
+    k: jax.Array
+    q: jax.Array
+
+
+@pytest.mark.parametrize("tx", [
+    jf.freeze(optax.adam(1e-2), frozen=jf.paths("q")),
+    jf.partition({"t": optax.adam(1e-2), "f": None}, jf.labels({"f": jf.paths("q")}, default="t")),
+], ids=["freeze", "partition"])
+def test_update_on_reordered_fields_names_the_node_types(tx):
+    state = tx.init(QK(jnp.ones(2), jnp.ones(3)))
+    new = KQ(jnp.ones(3), jnp.ones(2))
+    with pytest.raises(ValueError, match="same paths but other node types"):
+        tx.update(new, state, new)
 
 
 P2 = {"a": jnp.ones(2), "b": {"c": jnp.ones(3), "d": jnp.ones(2)}}
