@@ -7,7 +7,7 @@ use) adapts all of it to Flax linen and NNX.
 """
 
 from jfreeze.checkpoint import check_manifest, freeze_manifest, restore_trainable, save_trainable
-from jfreeze.checks import ComputeReport, check_frozen_compute
+from jfreeze.checks import ComputeReport, check_frozen_compute, compiled_flops
 from jfreeze.forward import merge, split, stop_gradient
 from jfreeze.inspection import Summary, assert_frozen, summary
 from jfreeze.labels import Labels, labels
@@ -41,6 +41,7 @@ __all__ = [
     "assert_frozen",
     "check_frozen_compute",
     "check_manifest",
+    "compiled_flops",
     "elements",
     "everything",
     "freeze",

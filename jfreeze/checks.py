@@ -15,7 +15,7 @@ import jax.extend as jex
 from jfreeze.paths import path_str
 from jfreeze.selectors import FrozenSpec, _Flat, as_selector
 
-__all__ = ["check_frozen_compute", "ComputeReport"]
+__all__ = ["check_frozen_compute", "ComputeReport", "compiled_flops"]
 
 _MAX_GROUPS = 16  # output groups examined to name the outputs that use frozen gradients
 
@@ -63,6 +63,22 @@ def _cost(cost: Any) -> dict | None:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return cost or None
+
+
+def compiled_flops(fn: Callable, *args: Any, **kwargs: Any) -> float:
+    """FLOPs of ``jax.jit(fn)(*args, **kwargs)`` from XLA's compiled cost analysis.
+
+    The one FLOPs helper of jfreeze, its examples and benchmarks. XLA counts the
+    body of a ``while`` loop (``lax.scan``, ``fori_loop``) once, whatever its trip
+    count: compare steps with the same loops, or count loops by their trip count.
+    A ``jax.jit``-wrapped ``fn`` is compiled as it is.
+
+    >>> import jax.numpy as jnp
+    >>> import jfreeze as jf
+    >>> jf.compiled_flops(lambda a, b: a @ b, jnp.ones((4, 8)), jnp.ones((8, 2)))
+    128.0
+    """
+    return _flops(lambda a, k: fn(*a, **k), (args, kwargs))
 
 
 def _flops(fn: Callable, args: tuple, *, compiled: bool = True) -> float:
