@@ -19,7 +19,7 @@ def table(head: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     cells = [[str(c) for c in head], *([str(c) for c in r] for r in rows)]
     widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    return "\n".join([lines[0], "-" * len(max(lines, key=len)), *lines[1:]])
+    return "\n".join([lines[0], "-" * (sum(widths) + 2 * len(widths) - 2), *lines[1:]])
 
 
 class Claims:
