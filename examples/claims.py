@@ -28,12 +28,12 @@ class Claims:
     def __init__(self) -> None:
         self.failed: list[str] = []
 
-    def check(self, name: str, ok: object) -> bool:
-        """``ok``: a truth value, or a function that raises ``AssertionError`` if the claim fails
-        (``lambda: jf.assert_frozen(...)``: its message names the path that moved)."""
+    def check(self, name: str, ok: object, *args: object, **kwargs: object) -> bool:
+        """``ok``: a truth value, or a function that raises ``AssertionError`` when called with
+        ``args`` if the claim fails (``jf.assert_frozen``: its message names what moved)."""
         if callable(ok):
             try:
-                ok()
+                ok(*args, **kwargs)
                 ok = True
             except AssertionError as e:
                 name, ok = f"{name}: {e}", False

@@ -13,8 +13,6 @@ gradient flows through both uses; trained side by side, the two versions follow 
     python examples/reuse_without_update.py --quick
 """
 
-from __future__ import annotations
-
 import sys
 
 import claims
