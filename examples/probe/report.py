@@ -1,0 +1,152 @@
+"""What the run shows: a progress line, the printed results, the plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from .transformer import POS_KINDS
+
+
+def progress(prefix: str, i: int, n: int, t0: float, extra: str = "") -> None:
+    """A carriage-return progress line on stderr (no dependency)."""
+    if not sys.stderr.isatty() and i not in (n,) and i % max(1, n // 10):
+        return
+    frac = i / max(n, 1)
+    bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+    el = time.time() - t0
+    eta = el / frac - el if frac > 0 else 0.0
+    end = "\n" if i >= n else ""
+    sys.stderr.write(f"\r{prefix} [{bar}] {i}/{n} {el:5.1f}s eta {eta:5.1f}s {extra}{end}")
+    sys.stderr.flush()
+
+
+def header(cfg, pc, devices: int) -> str:
+    return (f"jax {jax.__version__} on {jax.devices()[0].platform} x{devices}; "
+            f"zoo {cfg.models} models d={cfg.d_model} layers={cfg.n_layers}, "
+            f"probe {pc.queries} queries x {pc.query_len} tokens, {pc.steps} steps")
+
+
+def zoo_lines(cfg, zoo: dict, labels, kept, *, path: Path, cached: bool, seconds: float,
+              min_train_acc: float, threshold: float) -> str:
+    """Where the zoo came from, how many models learned the task and how many generalise."""
+    n_gen = int(labels.sum())
+    kinds = zoo["settings"]["pos_kind"][kept]
+    by_kind = {k: f"{labels[kinds == i].mean():.2f}" for i, k in enumerate(POS_KINDS)
+               if (kinds == i).any()}
+    return (f"zoo: {'loaded from cache' if cached else 'trained and cached'} ({path}) "
+            f"in {seconds:.1f}s\n"
+            f"zoo: {kept.sum()} of {cfg.models} models learned the task (train acc >= "
+            f"{min_train_acc}); {n_gen} generalisers / {len(labels) - n_gen} not "
+            f"(acc >= {threshold:.2f} on lengths {cfg.test_len[0]}-{cfg.test_len[1]}, "
+            f"trained on <= {max(cfg.train_lens)})\n"
+            f"zoo: generaliser fraction by positional table: {by_kind}")
+
+
+def flops_line(f: dict, optimizer_numbers: int) -> str:
+    return (f"compiled FLOPs per step: probe only {f['probe_step']:.3g}; the same step also "
+            f"differentiating the frozen models {f['with_frozen_grads']:.3g} "
+            f"({f['with_frozen_grads'] / f['probe_step']:.2f}x): no frozen weight gradients "
+            "are computed, and the optimizer state holds the probe only "
+            f"({optimizer_numbers} numbers).")
+
+
+def scores_table(result: dict, labels, splits: list) -> str:
+    """The held-out scores: mean ± std over folds (or one split's)."""
+    scores, spread, n = result["scores"], result["std_over_folds"], len(splits)
+    if n == 1:
+        tr, te = splits[0]
+        lines = [f"held-out models: {len(te)} ({int(labels[te].sum())} generalisers); "
+                 f"probe trained on {len(tr)} ({int(labels[tr].sum())} generalisers)"]
+    else:
+        lines = [f"held-out models: {n}-fold cross-validation over {len(labels)} models "
+                 f"(mean ± std over folds)"]
+    lines.append(f"{'':14s} {'accuracy':>13s} {'ROC-AUC':>13s}")
+    for name, sc in scores.items():
+        cells = [f"{sc[m]:.3f}" + (f" ± {spread[name][m]:.3f}" if n > 1 else "")
+                 for m in ("acc", "auc")]
+        lines.append(f"{name:14s} {cells[0]:>13s} {cells[1]:>13s}")
+    return "\n".join(lines)
+
+
+def finish(out: Path, result: dict, zoo: dict, labels, kept, splits: list, t_start: float,
+           **run) -> None:
+    """Saves the plot and ``summary.json`` under ``out``, and prints the held-out scores."""
+    n = len(splits)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_path = out / "probe_population.png"
+    plot(plot_path, result["curves"], result["scores"], zoo["test_acc"], run["threshold"], kept,
+         result["std_over_folds"] if n > 1 else None, n)
+    total = time.time() - t_start
+    summary = {
+        "zoo_models": len(kept), "kept": int(kept.sum()), "generalisers": int(labels.sum()),
+        "threshold": run["threshold"], "folds": n, "test_models": [len(te) for _, te in splits],
+        **{k: result[k] for k in ("scores", "std_over_folds", "per_fold", "flops")},
+        "zoo_seconds": run["zoo_seconds"], "zoo_cached": run["zoo_cached"],
+        "probe_seconds": result["probe_seconds"], "total_seconds": total,
+        "devices": run["devices"], "bf16": bool(run["bf16"]),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print()
+    print(scores_table(result, labels, splits))
+    print(f"zoo: {run['zoo_seconds']:.0f}s ({'cached' if run['zoo_cached'] else 'trained'}), "
+          f"probe: {result['probe_seconds']:.0f}s, total {total:.0f}s; plot: {plot_path}")
+
+
+def plot(path: Path, curves: dict, scores: dict, test_acc, threshold: float, kept,
+         spread: dict | None = None, n_folds: int = 1) -> None:
+    """Learning curves, held-out scores, and the zoo's accuracies on long sequences."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax[0].plot(curves["step"], curves["loss"], color="tab:gray", lw=1, label="train loss (batch)")
+    ax[0].set_xlabel("probe step")
+    ax[0].set_ylabel("BCE loss")
+    ax2 = ax[0].twinx()
+    for name, style in (("train", "--"), ("test", "-")):
+        if f"{name}_auc" in curves:
+            ax2.plot(curves["eval_step"], curves[f"{name}_auc"], style, color="tab:blue",
+                     label=f"{'held-out' if name == 'test' else 'train'} AUC")
+            ax2.plot(curves["eval_step"], curves[f"{name}_acc"], style, color="tab:orange",
+                     label=f"{'held-out' if name == 'test' else 'train'} acc")
+    ax2.set_ylim(0.3, 1.02)
+    h1, l1 = ax[0].get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax[0].legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
+    folds = f" (mean of {n_folds} folds)" if n_folds > 1 else ""
+    ax[0].set_title("probe learning curves" + folds)
+
+    names = list(scores)
+    x = np.arange(len(names))
+    err = {m: [spread[n][m] for n in names] if spread else None for m in ("acc", "auc")}
+    ax[1].bar(x - 0.2, [scores[n]["acc"] for n in names], 0.4, yerr=err["acc"], label="accuracy")
+    ax[1].bar(x + 0.2, [scores[n]["auc"] for n in names], 0.4, yerr=err["auc"], label="ROC-AUC")
+    for i, n in enumerate(names):
+        for dx, k in ((-0.2, "acc"), (0.2, "auc")):
+            ax[1].text(i + dx + 0.03, scores[n][k] + 0.01, f"{scores[n][k]:.2f}", ha="center",
+                       fontsize=7)
+    ax[1].set_xticks(x, names, fontsize=8)
+    ax[1].set_ylim(0, 1.1)
+    ax[1].axhline(0.5, color="k", lw=0.5)
+    ax[1].legend(fontsize=7, loc="lower right")
+    ax[1].set_title("held-out models" + (f" ({n_folds}-fold CV, ± std)" if n_folds > 1 else ""))
+
+    bins = np.linspace(0.4, 1.0, 25)
+    ax[2].hist(np.asarray(test_acc)[kept], bins=bins, color="tab:green", alpha=0.8)
+    ax[2].axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.2f}")
+    ax[2].set_xlabel("zoo model accuracy on long sequences")
+    ax[2].set_ylabel("models")
+    ax[2].legend(fontsize=7)
+    ax[2].set_title("the zoo's labels")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

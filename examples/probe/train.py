@@ -1,0 +1,131 @@
+"""Training the probe over a population of frozen models, on one device or a mesh of them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jfreeze as jf
+
+from .baselines import roc_auc
+from .probe import ProbeConfig, init_probe, make_probe_fns
+from .report import progress
+from .zoo import ZooConfig
+
+
+def use_devices(n: int) -> None:
+    """Asks JAX for ``n`` CPU devices when it runs on CPU (before its backends start)."""
+    if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # Read only by the CPU backend; a RuntimeError if JAX's backends already started.
+        with contextlib.suppress(RuntimeError):
+            jax.config.update("jax_num_cpu_devices", n)
+    if jax.device_count() < n:
+        raise SystemExit(f"--devices {n} but JAX sees {jax.device_count()} device(s); "
+                         "on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N")
+
+
+def as_rows(tree, labels, S: int):
+    """Stacked models ``(n, ...)`` -> rows ``(S, ceil(n / S), ...)`` (wrapping around)."""
+    n = len(labels)
+    per_row = -(-n // S)
+    order = np.arange(S * per_row) % n
+    order = order.reshape(per_row, S).T  # row s holds models s, s + S, ...
+    rows = jax.tree.map(lambda x: np.asarray(x)[order], tree)
+    return rows, np.asarray(labels, np.float32)[order]
+
+
+def train_probe(zoo_params, labels, cfg: ZooConfig, pc: ProbeConfig, *, devices: int = 1,
+                bf16: bool = False, eval_sets: dict | None = None, eval_every: int = 50,
+                verbose: bool = True, flops_check: bool = True) -> dict[str, Any]:
+    """Trains the probe on stacked frozen ``zoo_params`` with 0/1 ``labels``.
+
+    ``eval_sets`` maps a name to ``(stacked params, labels)`` scored every
+    ``eval_every`` steps (learning curves only; nothing is selected on them).
+    The result's ``"frozen_moved"`` is ``jf.assert_frozen``'s message if any frozen
+    model changed during training (else empty).
+    """
+    S = pc.batch_models
+    if S % devices:
+        raise ValueError(f"--batch-models {S} must be a multiple of --devices {devices}")
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    zoo_params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), zoo_params)
+    rows, row_labels = as_rows(zoo_params, labels, S)
+    probe = init_probe(jax.random.key(pc.seed), pc, 2 * cfg.n_vars)
+    tx = optax.adamw(pc.lr, weight_decay=pc.weight_decay)
+    opt_state = tx.init(probe)  # the probe's state only: the frozen models are data
+
+    mesh = None
+    if devices > 1:
+        # Auto axes: jit propagates the shardings (the explicit-sharding mode of new
+        # JAX versions would also need every per-model array annotated).
+        auto = getattr(jax.sharding, "AxisType", None)
+        kw = {"axis_types": (auto.Auto,)} if auto is not None else {}
+        mesh = jax.make_mesh((devices,), ("models",), **kw)
+        rows = jf.shard_stacked(rows, mesh)  # each device holds S / devices rows
+        row_labels = jf.shard_stacked(row_labels, mesh)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        probe, opt_state = jax.device_put((probe, opt_state), replicated)
+    else:
+        rows, row_labels = jax.device_put((rows, row_labels))
+    rows_before = jax.tree.map(np.array, rows)
+
+    fns = make_probe_fns(cfg, pc, tx)
+    key = jax.random.key(pc.seed + 1)
+    report: dict[str, Any] = {}
+    args = (probe, opt_state, rows, row_labels, key)
+    step = fns["step"].lower(*args).compile()  # compiled once, ahead of time
+    if flops_check:
+        report["flops"] = {"probe_step": jf.compiled_flops(fns["step"], *args),
+                           "with_frozen_grads": jf.compiled_flops(fns["step_with_frozen_grads"],
+                                                                  *args)}
+    if mesh is not None:  # to check what the devices exchange: only the probe's gradients
+        report["hlo"] = step.as_text()
+
+    curves: dict[str, list] = {"step": [], "loss": [], "eval_step": []}
+    for name in (eval_sets or {}):
+        curves[f"{name}_auc"], curves[f"{name}_acc"] = [], []
+
+    def evaluate(step_i):
+        curves["eval_step"].append(step_i)
+        for name, (params, y) in (eval_sets or {}).items():
+            logits = np.asarray(fns["predict"](probe, params, jax.random.key(10_000)))
+            curves[f"{name}_auc"].append(roc_auc(y, logits))
+            curves[f"{name}_acc"].append(float(((logits > 0) == y).mean()))
+
+    if eval_sets:
+        eval_sets = {k: (jax.tree.map(lambda x: jnp.asarray(x, dtype), p), np.asarray(y))
+                     for k, (p, y) in eval_sets.items()}
+        evaluate(0)
+    t0 = time.time()
+    running = None
+    for i in range(pc.steps):
+        key, sub = jax.random.split(key)
+        probe, opt_state, loss = step(probe, opt_state, rows, row_labels, sub)
+        if i % 10 == 9 or i == pc.steps - 1:
+            loss = float(loss)
+            running = loss if running is None else 0.8 * running + 0.2 * loss
+            curves["step"].append(i + 1)
+            curves["loss"].append(loss)
+            if verbose:
+                extra = f"loss {running:.3f}"
+                if curves.get("test_auc"):
+                    extra += f"  held-out AUC {curves['test_auc'][-1]:.2f}"
+                progress("probe", i + 1, pc.steps, t0, extra)
+        if eval_sets and ((i + 1) % eval_every == 0 or i == pc.steps - 1):
+            evaluate(i + 1)
+    report["train_seconds"] = time.time() - t0
+    try:  # bit for bit: the zoo never moved
+        jf.assert_frozen(rows_before, jax.tree.map(np.array, rows), frozen=jf.everything)
+        report["frozen_moved"] = ""
+    except AssertionError as e:
+        report["frozen_moved"] = str(e)
+    report.update(probe=jax.tree.map(np.asarray, probe), curves=curves, predict=fns["predict"],
+                  dtype=dtype, optimizer_numbers=sum(x.size for x in jax.tree.leaves(opt_state)))
+    return report
