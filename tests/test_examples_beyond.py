@@ -1,16 +1,23 @@
-"""examples/gradual_unfreezing.py checks its own claims; run it as a user would."""
+"""The examples beyond freezing (gradual unfreezing, trainable-only checkpoints) check their own
+claims; run them as a user would."""
 
+import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "gradual_unfreezing.py"
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_gradual_unfreezing_example_claims_hold():
+@pytest.mark.parametrize("name", ["gradual_unfreezing.py", "trainable_checkpoint.py"])
+def test_example_claims_hold(name):
+    if name == "trainable_checkpoint.py" and importlib.util.find_spec("orbax") is None:
+        pytest.skip("needs orbax (pip install 'jfreeze[orbax]')")
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    out = subprocess.run([sys.executable, str(EXAMPLE), "--quick"], capture_output=True, text=True,
-                         timeout=300, env=env)
+    out = subprocess.run([sys.executable, str(EXAMPLES / name), "--quick"], capture_output=True,
+                         text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all claims checked" in out.stdout
