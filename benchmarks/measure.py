@@ -3,8 +3,9 @@
 ``hlo_matmul_flops`` reads the text of the optimized HLO module
 (``jax.jit(f).lower(...).compile().as_text()``) and sums ``2 * prod(result) * prod(contracted)``
 over its ``dot`` ops (and ``convolution``s), wherever they sit (fusions included), times how
-often their computation is called. ``cost_analysis()["flops"]`` is reported beside it: it
-adds element-wise work, so it is not the number to compare with a matmul-only ideal.
+often their computation is called. XLA's cost analysis (``jf.compiled_flops``) is reported
+beside it: it adds element-wise work, so it is not the number to compare with a matmul-only
+ideal.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def hlo_matmul_ops(hlo_text: str) -> list[dict]:
                 kernel_name = _operands(rest[len(op):])[1]
                 kdims = _dims(shapes[kernel_name])
                 labels = re.search(r"dim_labels=\w*_(\w+)->", rest).group(1)
-                per_out = int(np.prod([n for n, lab in zip(kdims, labels) if lab != "o"]))
+                per_out = int(np.prod([n for n, lab in zip(kdims, labels, strict=True)
+                                       if lab != "o"]))
                 flops = 2 * int(np.prod(_dims(typ))) * per_out
             else:
                 continue
@@ -168,19 +170,16 @@ def hlo_matmul_flops(hlo_text: str) -> int:
 
 
 def compiled_stats(compiled, devices: int = 1) -> dict[str, Any]:
-    """``gflops`` (cost_analysis), ``matmul_gflops`` (HLO dots), memory_analysis bytes.
+    """``matmul_gflops`` (HLO dots) and memory_analysis bytes of a compiled step.
 
-    An SPMD program over ``devices`` devices is one per-device program (its HLO, cost and
+    (XLA's own FLOPs, which add element-wise work, come from ``jf.compiled_flops``.)
+    An SPMD program over ``devices`` devices is one per-device program (its HLO and
     memory analyses are per device, the same on each), so FLOPs and bytes are multiplied
     by ``devices``: totals, comparable with a one-device step.
     """
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-        cost = cost[0]
     mem = compiled.memory_analysis()
     text = compiled.as_text()
     return {
-        "gflops": devices * float(cost.get("flops", float("nan"))) / 1e9,
         "matmul_gflops": devices * hlo_matmul_flops(text) / 1e9,
         "temp_bytes": devices * int(getattr(mem, "temp_size_in_bytes", -1)),
         "argument_bytes": devices * int(getattr(mem, "argument_size_in_bytes", -1)),
@@ -266,7 +265,8 @@ def machine() -> dict[str, Any]:
 
 # Dense bf16 peak TFLOP/s (no sparsity) by device_kind substring, for MFU.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-                    "A10G": 70.0, "V100": 125.0, "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v4": 275.0}
+                    "A10G": 70.0, "V100": 125.0, "TPU v5 lite": 197.0, "TPU v5": 459.0,
+                    "TPU v4": 275.0}
 
 
 def peak_tflops(override: float | None = None) -> float | None:
@@ -298,7 +298,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     out = []
     for j, line in enumerate(cells):
         out.append("  ".join(c.rjust(w) if j and i else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(line, widths))))
+                             for i, (c, w) in enumerate(zip(line, widths, strict=True))))
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -314,13 +314,15 @@ def write_json(path: str, rows: list[dict]) -> None:
 
 def common_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, few steps (seconds; run by the tests)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes, few steps (seconds; run by the tests)")
     p.add_argument("--gpu", action="store_true", help="GPU preset: bf16 compute, larger sizes")
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list to PATH")
     p.add_argument("--rounds", type=int, help="timing rounds (interleaved over variants)")
     p.add_argument("--per-round", type=int, help="timed steps per variant per round")
     p.add_argument("--no-time", action="store_true", help="compile and count only; no timing")
-    p.add_argument("--config", help="comma-separated indices of the preset's sizes to run (default: all)")
+    p.add_argument("--config",
+                   help="comma-separated indices of the preset's sizes to run (default: all)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="compute dtype (default: float32, or bfloat16 with --gpu)")
     p.add_argument("--peak-tflops", type=float,
@@ -382,7 +384,8 @@ def profile_ops(hlo_text: str, run_fn: Callable[[], Any], *, steps: int = 10, to
     mm = sum(t for k, t in med.items() if flops.get(k))
     gf = hlo_matmul_flops(text) / 1e9
     lines = [f"sum of per-op medians {total:.2f} ms; ops with matmuls {mm:.2f} ms "
-             f"({gf:.3f} GFLOP, {gf * 1e3 / mm if mm else 0:.1f} GFLOP/s); other ops {total - mm:.2f} ms"]
+             f"({gf:.3f} GFLOP, {gf * 1e3 / mm if mm else 0:.1f} GFLOP/s); "
+             f"other ops {total - mm:.2f} ms"]
     for name, t in sorted(med.items(), key=lambda kv: -kv[1])[:top]:
         f = flops.get(name, 0)
         rate = f"{f / 1e6 / t:6.1f} GF/s" if f else " " * 11

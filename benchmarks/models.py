@@ -104,7 +104,8 @@ def init_sandwich(key, s: Sizes, dtype=jnp.float32) -> Params:
     """``{"pre", "transformer", "post"}``: one network, the transformer inside the probe."""
     kp, kt = jax.random.split(key)
     probe = init_probe(kp, s, dtype)
-    return {"pre": probe["pre"], "transformer": init_transformer(kt, s, dtype), "post": probe["post"]}
+    return {"pre": probe["pre"], "transformer": init_transformer(kt, s, dtype),
+            "post": probe["post"]}
 
 
 def frozen_patterns(s: Sizes) -> tuple[str, ...]:
@@ -114,7 +115,8 @@ def frozen_patterns(s: Sizes) -> tuple[str, ...]:
 
 def is_frozen_path(path: tuple[str, ...], s: Sizes) -> bool:
     """The same rule on a ``path_aware_map`` key tuple, as the Flax guide writes it."""
-    return len(path) > 1 and path[0] == "transformer" and int(path[1].split("_")[1]) < s.frozen_layers
+    return (len(path) > 1 and path[0] == "transformer"
+            and int(path[1].split("_")[1]) < s.frozen_layers)
 
 
 # --------------------------------------------------------------------------
@@ -122,7 +124,7 @@ def is_frozen_path(path: tuple[str, ...], s: Sizes) -> bool:
 
 
 def dense(p: Params, x, dtype=None):
-    """``x @ kernel + bias``; with a ``kernel_t`` beside the kernel, see ``with_transposed_kernels``."""
+    """``x @ kernel + bias``; with a ``kernel_t`` beside it, see ``with_transposed_kernels``."""
     dtype = dtype or x.dtype
     w, b = p["kernel"].astype(dtype), p["bias"].astype(dtype)
     if "kernel_t" in p:
@@ -233,7 +235,7 @@ def attention_heads_major(p: Params, x, heads: int):
     ``(heads, d_head, d)``, so q, k and v come out of one einsum as ``(3, ..., heads, T,
     d_head)`` and no split/transposes of the qkv activations appear in either pass.
     """
-    *lead, t, d = x.shape
+    *lead, _, d = x.shape
     c = d // heads
     w = p["qkv"]["kernel"].astype(x.dtype).reshape(d, 3, heads, c)
     b = p["qkv"]["bias"].astype(x.dtype).reshape(3, *([1] * len(lead)), heads, 1, c)
@@ -357,7 +359,8 @@ def matmuls(s: Sizes, *, all_trainable: bool = False, frozen_models: int = 1) ->
 
 def ideal_matmul_flops(s: Sizes, *, all_trainable: bool = False, frozen_models: int = 1) -> int:
     """Matmul FLOPs of one training step: forward + needed input and weight gradients."""
-    return sum(m.total for m in matmuls(s, all_trainable=all_trainable, frozen_models=frozen_models))
+    return sum(m.total
+               for m in matmuls(s, all_trainable=all_trainable, frozen_models=frozen_models))
 
 
 def param_count(tree: Any) -> int:

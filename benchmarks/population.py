@@ -74,8 +74,10 @@ class Formulation:
     compiler_options: tuple[tuple[str, Any], ...] = ()  # per-compile XLA options
     flax: bool = False  # flax.linen modules instead of the plain functions
     remat: str = ""  # a jax.checkpoint_policies name applied to each frozen model's forward
-    pretransposed: bool = False  # frozen kernels also stored transposed (models.with_transposed_kernels)
-    shard: bool = False  # split the K models over every JAX device (jf.shard_stacked, a "models" mesh)
+    # frozen kernels also stored transposed (models.with_transposed_kernels)
+    pretransposed: bool = False
+    # split the K models over every JAX device (jf.shard_stacked, a "models" mesh)
+    shard: bool = False
 
 
 NO_YNN = (("xla_cpu_experimental_ynn_fusion_type", ""),)
@@ -95,7 +97,8 @@ JAX_FORMULATIONS = {
         remat="dots_saveable", compiler_options=NO_YNN, pretransposed=True, shard=True),
     "vmap": Formulation("jax.vmap of the plain transformer over the stacked frozen params"),
     "ln_custom_vjp": Formulation("vmap; custom-VJP LayerNorm", ln="custom_vjp"),
-    "no_ynn": Formulation("vmap; XLA:CPU without YNNPACK fusions (Eigen dots)", compiler_options=NO_YNN),
+    "no_ynn": Formulation("vmap; XLA:CPU without YNNPACK fusions (Eigen dots)",
+                          compiler_options=NO_YNN),
     "ln_no_ynn": Formulation("vmap; custom-VJP LayerNorm; without YNNPACK fusions", ln="custom_vjp",
                              compiler_options=NO_YNN),
     "tuned_ynn": Formulation("tuned, but with XLA:CPU's default YNNPACK fusions", ln="custom_vjp",
@@ -105,7 +108,8 @@ JAX_FORMULATIONS = {
         compiler_options=(("xla_cpu_experimental_ynn_fusion_type",
                            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),)),
     "heads_major": Formulation("vmap; attention einsums in a heads-major layout", layout="heads"),
-    "lax_map": Formulation("jax.lax.map over models: a loop of unbatched matmuls", mapper="lax_map"),
+    "lax_map": Formulation("jax.lax.map over models: a loop of unbatched matmuls",
+                           mapper="lax_map"),
     "flax": Formulation("vmap of flax.linen modules (MultiHeadDotProductAttention, LayerNorm)",
                         flax=True),
 }
@@ -141,7 +145,8 @@ def _flax_transformer(s: Sizes):
         def __call__(self, x):
             h = nn.LayerNorm(epsilon=1e-5, dtype=x.dtype)(x)
             x = x + nn.MultiHeadDotProductAttention(num_heads=s.heads, dtype=x.dtype)(h)
-            h = nn.Dense(s.mlp_ratio * s.d_model, dtype=x.dtype)(nn.LayerNorm(epsilon=1e-5, dtype=x.dtype)(x))
+            h = nn.LayerNorm(epsilon=1e-5, dtype=x.dtype)(x)
+            h = nn.Dense(s.mlp_ratio * s.d_model, dtype=x.dtype)(h)
             return x + nn.Dense(s.d_model, dtype=x.dtype)(nn.gelu(h))
 
     class Transformer(nn.Module):
@@ -211,7 +216,8 @@ def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, 
     adam = optax.adam(LR)
     params = {"probe": jax.tree.map(jnp.array, probe), "zoo": zoo}
     # The most devices (up to all) that split the K models evenly.
-    devices = max(n for n in range(1, jax.device_count() + 1) if s.models % n == 0) if form.shard else 1
+    devices = (max(n for n in range(1, jax.device_count() + 1) if s.models % n == 0)
+               if form.shard else 1)
     if devices > 1:
         # Each device runs K / devices of the frozen models (and their probes' inputs);
         # the probe is replicated, and jit all-reduces only its gradients.
@@ -235,6 +241,9 @@ def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, 
     options.update(extra_options or {})
     compiled = step.lower(state, frozen, z, y).compile(compiler_options=options)
     stats = measure.compiled_stats(compiled, devices=devices)
+    # XLA's FLOPs of the step (per device, so times devices); compiler options change how XLA:CPU
+    # fuses and calls the ops, not the ops it counts.
+    stats["gflops"] = devices * jf.compiled_flops(step, state, frozen, z, y) / 1e9
     stats["opt_state_bytes"] = measure.tree_bytes(state[1])
     stats["frozen_bytes"] = measure.tree_bytes(frozen)  # the stacked zoo the step reads
     v = JaxVariant(name, compiled, state, frozen, z, y, hlo=compiled.as_text())
@@ -279,9 +288,10 @@ def run_config(s: Sizes, *, dtype, variants, jax_extra, rounds, per_round, time_
                       "loss0": v.loss0}
         steps[name] = v
         if profile and jax.default_backend() == "cpu":
-            pv, _ = make_jax_variant(name, form, probe, zoo, s, dtype, z, y, measure.PROFILE_OPTIONS)
-            print(f"{name}: slowest XLA:CPU ops, median over steps (dots may finish asynchronously, "
-                  "so their times are lower bounds; see benchmarks/NOTES.md)")
+            pv, _ = make_jax_variant(name, form, probe, zoo, s, dtype, z, y,
+                                     measure.PROFILE_OPTIONS)
+            print(f"{name}: slowest XLA:CPU ops, median over steps (dots may finish "
+                  "asynchronously, so their times are lower bounds; see benchmarks/NOTES.md)")
             print(measure.profile_ops(pv.hlo, pv) + "\n")
 
     torch_variants = [v for v in variants if v.startswith("torch")]
@@ -301,7 +311,8 @@ def run_config(s: Sizes, *, dtype, variants, jax_extra, rounds, per_round, time_
         for name, ms in times.items():
             rows[name].update(measure.summarize_times(ms))
             rows[name]["cores_busy"] = rows[name]["cpu_ms_median"] / rows[name]["step_ms_median"]
-            rows[name]["models_probes_per_s"] = s.models * s.batch / (rows[name]["step_ms_median"] / 1e3)
+            rows[name]["models_probes_per_s"] = (
+                s.models * s.batch / (rows[name]["step_ms_median"] / 1e3))
         for ref in ("torch_vmap", "torch_loop"):
             if ref in rows:
                 for r in rows.values():
@@ -370,7 +381,8 @@ def main(argv=None) -> list[dict]:
     p = measure.common_args(__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--jax-extra", default=None,
-                   help=f"extra JAX formulations as rows jax_<name>: {', '.join(JAX_FORMULATIONS)}, or "
+                   help="extra JAX formulations as rows jax_<name>: "
+                        f"{', '.join(JAX_FORMULATIONS)}, or "
                         f"all (default: {','.join(DEFAULT_EXTRA)}; none with --quick)")
     p.add_argument("--profile", action="store_true",
                    help="print each JAX row's slowest XLA:CPU ops (jax.profiler trace)")
@@ -396,7 +408,8 @@ def main(argv=None) -> list[dict]:
     rounds, per_round = args.rounds or rounds, args.per_round or per_round
     if args.jax_extra is None:
         args.jax_extra = "" if args.quick else ",".join(DEFAULT_EXTRA)
-    extra = list(JAX_FORMULATIONS) if args.jax_extra == "all" else [f for f in args.jax_extra.split(",") if f]
+    extra = (list(JAX_FORMULATIONS) if args.jax_extra == "all"
+             else [f for f in args.jax_extra.split(",") if f])
     for f in extra:
         if f not in JAX_FORMULATIONS:
             p.error(f"unknown JAX formulation {f!r}; known: {', '.join(JAX_FORMULATIONS)}")
@@ -404,8 +417,10 @@ def main(argv=None) -> list[dict]:
     print(f"population [{preset}] on {info['device']} ({info['cpu']}), {threads} core(s) for each "
           f"framework; {jax.device_count()} JAX device(s); jax {info['jax']}; "
           f"frozen models in {jnp.dtype(dtype).name}; "
-          f"XLA_FLAGS={info['xla_flags']!r}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}")
-    print(f"timing: {rounds} interleaved rounds x {per_round} steps per variant, after 2 warm-up steps\n")
+          f"XLA_FLAGS={info['xla_flags']!r}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}")
+    print(f"timing: {rounds} interleaved rounds x {per_round} steps per variant, "
+          "after 2 warm-up steps\n")
     all_rows = []
     configs = PRESETS[preset]
     if args.config:

@@ -50,22 +50,29 @@ from benchmarks.models import (
     sandwich_loss,
 )
 
-VARIANTS = ("full", "optax_multi_transform", "optax_multi_transform_gradnorm", "jf_freeze", "jf_split")
+VARIANTS = ("full", "optax_multi_transform", "optax_multi_transform_gradnorm", "jf_freeze",
+            "jf_split")
 LR = 1e-3
 
 # name -> Sizes. The frozen fraction varies through frozen_layers.
 PRESETS: dict[str, list[Sizes]] = {
     "quick": [
-        Sizes(batch=8, seq=8, d_model=32, heads=2, layers=2, frozen_layers=1, d_noise=16, d_hidden=32),
+        Sizes(batch=8, seq=8, d_model=32, heads=2, layers=2, frozen_layers=1,
+              d_noise=16, d_hidden=32),
     ],
     "cpu": [
-        Sizes(batch=32, seq=32, d_model=128, heads=4, layers=4, frozen_layers=4, d_noise=64, d_hidden=128),
-        Sizes(batch=32, seq=32, d_model=128, heads=4, layers=4, frozen_layers=2, d_noise=64, d_hidden=128),
-        Sizes(batch=16, seq=64, d_model=256, heads=8, layers=4, frozen_layers=4, d_noise=64, d_hidden=256),
+        Sizes(batch=32, seq=32, d_model=128, heads=4, layers=4, frozen_layers=4,
+              d_noise=64, d_hidden=128),
+        Sizes(batch=32, seq=32, d_model=128, heads=4, layers=4, frozen_layers=2,
+              d_noise=64, d_hidden=128),
+        Sizes(batch=16, seq=64, d_model=256, heads=8, layers=4, frozen_layers=4,
+              d_noise=64, d_hidden=256),
     ],
     "gpu": [
-        Sizes(batch=64, seq=128, d_model=512, heads=8, layers=8, frozen_layers=8, d_noise=128, d_hidden=512),
-        Sizes(batch=64, seq=128, d_model=512, heads=8, layers=8, frozen_layers=4, d_noise=128, d_hidden=512),
+        Sizes(batch=64, seq=128, d_model=512, heads=8, layers=8, frozen_layers=8,
+              d_noise=128, d_hidden=512),
+        Sizes(batch=64, seq=128, d_model=512, heads=8, layers=8, frozen_layers=4,
+              d_noise=128, d_hidden=512),
         Sizes(batch=32, seq=256, d_model=1024, heads=16, layers=8, frozen_layers=8, d_noise=256,
               d_hidden=1024),
     ],
@@ -114,14 +121,16 @@ def make_variant(name: str, params, s: Sizes, dtype) -> Variant:
             t, opt = state
             value, g = jax.value_and_grad(lambda t: loss(jf.merge(t, frozen), z, y))(t)
             updates, opt = adam.update(g, opt, t)
-            return (optax.apply_updates(t, updates), opt), {"loss": value, "grad_norm": optax.global_norm(g)}
+            metrics = {"loss": value, "grad_norm": optax.global_norm(g)}
+            return (optax.apply_updates(t, updates), opt), metrics
 
         return Variant(name, step, (trainable, adam.init(trainable)), frozen, True)
 
     if name == "full":
         tx = adam
     elif name in ("optax_multi_transform", "optax_multi_transform_gradnorm"):
-        labels = path_aware_map(lambda path, _: "frozen" if is_frozen_path(path, s) else "trainable", params)
+        labels = path_aware_map(
+            lambda path, _: "frozen" if is_frozen_path(path, s) else "trainable", params)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             tx = optax.multi_transform({"trainable": adam, "frozen": optax.set_to_zero()}, labels)
@@ -149,7 +158,8 @@ def run_config(s: Sizes, *, dtype, variants=VARIANTS, rounds: int, per_round: in
     key = jax.random.PRNGKey(seed)
     params = init_sandwich(key, s)
     z, y = batch(jax.random.fold_in(key, 1), s)
-    trainable, _ = jf.split(params, frozen=jf.paths(*frozen_patterns(s)) if s.frozen_layers else jf.nothing)
+    frozen = jf.paths(*frozen_patterns(s)) if s.frozen_layers else jf.nothing
+    trainable, _ = jf.split(params, frozen=frozen)
     n_total, n_train = param_count(params), param_count(trainable)
     ideal = ideal_matmul_flops(s) / 1e9
     ideal_full = ideal_matmul_flops(s, all_trainable=True) / 1e9
@@ -158,9 +168,10 @@ def run_config(s: Sizes, *, dtype, variants=VARIANTS, rounds: int, per_round: in
     vs = {name: make_variant(name, params, s, dtype) for name in variants}
     rows = {}
     for name, v in vs.items():
+        gflops = jf.compiled_flops(v.step, v.state, v.extra, z, y) / 1e9
         compiled = v.step.lower(v.state, v.extra, z, y).compile()
         v.step = compiled  # run exactly what was measured
-        stats = measure.compiled_stats(compiled)
+        stats = {"gflops": gflops, **measure.compiled_stats(compiled)}
         rows[name] = {
             "variant": name,
             **dataclasses.asdict(s),
@@ -214,9 +225,11 @@ def main(argv=None) -> list[dict]:
     rounds, per_round = TIMING[preset]
     rounds, per_round = args.rounds or rounds, args.per_round or per_round
     info = measure.machine()
-    print(f"probe_step [{preset}] on {info['device']} ({info['cpu']}, {info['cores_available']} cores), "
+    print(f"probe_step [{preset}] on {info['device']} ({info['cpu']}, "
+          f"{info['cores_available']} cores), "
           f"jax {info['jax']}, compute {jnp.dtype(dtype).name}; XLA_FLAGS={info['xla_flags']!r}")
-    print(f"timing: {rounds} interleaved rounds x {per_round} steps per variant, after 2 warm-up steps\n")
+    print(f"timing: {rounds} interleaved rounds x {per_round} steps per variant, "
+          "after 2 warm-up steps\n")
     all_rows = []
     configs = PRESETS[preset]
     if args.config:
