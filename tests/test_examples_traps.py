@@ -8,6 +8,7 @@ EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "optax_trap
 
 
 def test_optax_traps_example_claims_hold():
-    out = subprocess.run([sys.executable, str(EXAMPLE), "--quick"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(EXAMPLE), "--quick"], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all claims checked" in out.stdout
