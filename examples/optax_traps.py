@@ -59,7 +59,6 @@ def labels(backbone="backbone"):  # the Flax guide's hand-written label tree
 def main(argv=None) -> int:
     claims.quick(__doc__, argv)
     c, rows = claims.Claims(), []
-
     def row(recipe, ok, plain, ours):  # each row is a claim: the trap springs, jfreeze avoids it
         c.check(recipe, ok)
         rows.append((recipe, plain, ours))
