@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     c.check(f"no frozen weight gradients: {flops['probe_step']:.3g} compiled FLOPs per step, "
             f"{flops['with_frozen_grads']:.3g} with them",
             flops["with_frozen_grads"] > 1.05 * flops["probe_step"])
-    if not a.quick:  # a --quick probe trains 20 steps on 17 models: a smoke test, not a result
+    if not a.quick:  # --quick trains the probe for seconds: a smoke test, not a result
         probe, majority = res["scores"]["probe"], res["scores"]["majority"]
         c.check(f"the probe beats chance on held-out models (AUC {probe['auc']:.3f}, accuracy "
                 f"{probe['acc']:.3f} vs the majority's {majority['acc']:.3f})",

@@ -74,27 +74,28 @@ def scores_table(result: dict, labels, splits: list) -> str:
     return "\n".join(lines)
 
 
-def finish(out: Path, result: dict, zoo: dict, labels, kept, splits: list, t_start: float,
-           **run) -> None:
+def finish(out: Path, result: dict, zoo: dict, labels, kept, splits: list, t_start: float, *,
+           threshold: float, zoo_seconds: float, zoo_cached: bool, devices: int,
+           bf16: bool) -> None:
     """Saves the plot and ``summary.json`` under ``out``, and prints the held-out scores."""
     n = len(splits)
     out.mkdir(parents=True, exist_ok=True)
     plot_path = out / "probe_population.png"
-    plot(plot_path, result["curves"], result["scores"], zoo["test_acc"], run["threshold"], kept,
+    plot(plot_path, result["curves"], result["scores"], zoo["test_acc"], threshold, kept,
          result["std_over_folds"] if n > 1 else None, n)
     total = time.time() - t_start
     summary = {
         "zoo_models": len(kept), "kept": int(kept.sum()), "generalisers": int(labels.sum()),
-        "threshold": run["threshold"], "folds": n, "test_models": [len(te) for _, te in splits],
+        "threshold": threshold, "folds": n, "test_models": [len(te) for _, te in splits],
         **{k: result[k] for k in ("scores", "std_over_folds", "per_fold", "flops")},
-        "zoo_seconds": run["zoo_seconds"], "zoo_cached": run["zoo_cached"],
+        "zoo_seconds": zoo_seconds, "zoo_cached": zoo_cached,
         "probe_seconds": result["probe_seconds"], "total_seconds": total,
-        "devices": run["devices"], "bf16": bool(run["bf16"]),
+        "devices": devices, "bf16": bool(bf16),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print()
     print(scores_table(result, labels, splits))
-    print(f"zoo: {run['zoo_seconds']:.0f}s ({'cached' if run['zoo_cached'] else 'trained'}), "
+    print(f"zoo: {zoo_seconds:.0f}s ({'cached' if zoo_cached else 'trained'}), "
           f"probe: {result['probe_seconds']:.0f}s, total {total:.0f}s; plot: {plot_path}")
 
 
