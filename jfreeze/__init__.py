@@ -2,20 +2,34 @@
 
 Selectors describe what is frozen (whole leaves or single elements), label
 functions and transforms feed optax, and forward-pass helpers keep frozen
-weight gradients out of the compiled step. ``jfreeze.flax`` (imported on first
-use) adapts all of it to Flax linen and NNX.
+weight gradients out of the compiled step.
+
+**The namespace has one rule.** Everything a user calls, and every type a user
+receives, is at the top level, ``jf.<name>`` (``import jfreeze as jf``), listed
+once in ``__all__``, as in optax and Equinox. The one exception is an adapter
+whose types come from an optional dependency: it is a submodule imported on
+first use, ``jf.flax`` (linen modules, a ``TrainState``, NNX filters), so
+``import jfreeze`` never imports Flax. A function that merely *uses* an optional
+dependency inside stays at the top level and imports it when called
+(``jf.save_trainable`` / ``jf.restore_trainable`` import orbax). Each public name
+has one public path: the modules that define them (``jfreeze.selectors``,
+``jfreeze.transforms``, ``jfreeze.labeling``, ...; see ``docs/ARCHITECTURE.md``)
+are where the code lives, not a second spelling, and no module is named like a
+function (``jf.labels`` is a function; its module is ``jfreeze.labeling``).
+Modules whose name starts with ``_`` are private.
 """
 
+from jfreeze._tree import Mask, path_str
 from jfreeze.checkpoint import check_manifest, freeze_manifest, restore_trainable, save_trainable
 from jfreeze.checks import ComputeReport, check_frozen_compute, compiled_flops
 from jfreeze.forward import merge, split, stop_gradient
-from jfreeze.inspection import Summary, assert_frozen, summary
-from jfreeze.labels import Labels, labels
-from jfreeze.paths import path_str
+from jfreeze.inspection import Row, Summary, assert_frozen, summary
+from jfreeze.labeling import Labels, labels
 from jfreeze.population import shard_stacked, stack, unstack
 from jfreeze.scaling import LayerwiseDecay, layerwise_decay, scale_by_label
 from jfreeze.schedules import GradualUnfreezeState, gradual_unfreeze, thawed_value_and_grad
 from jfreeze.selectors import (
+    FrozenSpec,
     Selector,
     as_selector,
     elements,
@@ -31,9 +45,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ComputeReport",
+    "FrozenSpec",
     "GradualUnfreezeState",
     "Labels",
     "LayerwiseDecay",
+    "Mask",
+    "Row",
     "Selector",
     "Summary",
     "apply_updates",

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfreeze.paths import describe_paths, path_str
-from jfreeze.selectors import FrozenSpec, _Flat, as_selector
+from jfreeze._tree import Flat, describe_paths, is_array, leaves_with_paths
+from jfreeze.selectors import FrozenSpec, as_selector
 
-__all__ = ["freeze_manifest", "check_manifest", "save_trainable", "restore_trainable"]
+__all__ = ["check_manifest", "freeze_manifest", "restore_trainable", "save_trainable"]
 
 FORMAT = "jfreeze.trainable_checkpoint"
 VERSION = 1
@@ -37,10 +37,6 @@ def _ocp():
     return ocp
 
 
-def _is_array(x: Any) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
-
-
 def _mask_hash(mask: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(repr(tuple(mask.shape)).encode())
@@ -48,17 +44,19 @@ def _mask_hash(mask: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _leaf_paths(tree: Any) -> list[tuple[str, Any]]:
-    return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _describe(x: Any) -> dict[str, Any]:
-    return {"shape": list(getattr(x, "shape", ())),
-            "dtype": str(np.dtype(x.dtype)) if _is_array(x) else type(x).__name__}
+def _record(path: str, x: Any) -> dict[str, Any]:
+    """A leaf's manifest entry: its path, shape and dtype (a type name for non-arrays)."""
+    return {"path": path, "shape": list(getattr(x, "shape", ())),
+            "dtype": str(np.dtype(x.dtype)) if is_array(x) else type(x).__name__}
 
 
 def _state_entries(opt_state: Any) -> list[dict[str, Any]]:
-    return [{"path": p, **_describe(x)} for p, x in _leaf_paths(opt_state)]
+    return [_record(p, x) for p, x in leaves_with_paths(opt_state)[0]]
+
+
+def _spelled(entries: list[dict[str, Any]]) -> dict[str, str]:
+    """``{path: "float32[2, 3]"}`` of manifest entries."""
+    return {e["path"]: f"{e['dtype']}{e['shape']}" for e in entries}
 
 
 def _refuse_shared_paths(paths: Sequence[str], what: str) -> None:
@@ -170,11 +168,11 @@ def freeze_manifest(
     "paths('a')"
     """
     sel = as_selector(frozen)
-    flat = _Flat.of(params)
+    flat = Flat.of(params)
     _refuse_shared_paths(flat.paths, "params")
     leaves = []
-    for (path, x), m in zip(flat.entries, sel.evaluate(flat)):
-        entry: dict[str, Any] = {"path": path, **_describe(x)}
+    for (path, x), m in zip(flat.entries, sel.evaluate(flat), strict=True):
+        entry = _record(path, x)
         if m is True:
             entry["status"] = "frozen"
         elif m is False:
@@ -185,10 +183,11 @@ def freeze_manifest(
         leaves.append(entry)
     if fingerprint:
         frozen_at = [
-            i for i, (e, (_, x)) in enumerate(zip(leaves, flat.entries))
+            i for i, (e, (_, x)) in enumerate(zip(leaves, flat.entries, strict=True))
             if e["status"] == "frozen" and isinstance(x, jax.Array | np.ndarray)
         ]
-        for i, fp in zip(frozen_at, _fingerprint_all([flat.entries[i][1] for i in frozen_at])):
+        prints = _fingerprint_all([flat.entries[i][1] for i in frozen_at])
+        for i, fp in zip(frozen_at, prints, strict=True):
             leaves[i]["fingerprint"] = fp
     state = None
     if opt_state is not None:
@@ -309,14 +308,30 @@ def check_manifest(
         _refuse_shared_paths([e["path"] for e in manifest[key] or []], what)
     now = freeze_manifest(params, frozen=frozen, fingerprint=False)
     was = {e["path"]: e for e in manifest["params"]}
-    cur = {e["path"]: e for e in now["params"]}
-    problems = []
-    for p in was:
-        if p not in cur:
-            problems.append(f"{p!r}: in the checkpoint, not in the params")
-    for p in cur:
-        if p not in was:
-            problems.append(f"{p!r}: in the params, not in the checkpoint")
+    problems = _freeze_differences(was, {e["path"]: e for e in now["params"]})
+    if problems:
+        raise ValueError(
+            "the checkpoint was saved under a different freeze (saved with frozen="
+            f"{manifest['selector']}, now frozen={now['selector']}):\n" + _list(problems)
+        )
+    if opt_state is not None and manifest.get("opt_state") is not None:
+        _check_state(manifest["opt_state"], _state_entries(opt_state))
+    if verify_frozen:
+        moved = _moved_frozen(was, params)
+        if moved:
+            source = manifest.get("frozen_source")
+            raise ValueError(
+                f"the frozen leaves at {describe_paths(moved)} differ from those the checkpoint "
+                "was trained with"
+                + (f" (saved by reference to {source!r})" if source else "")
+                + ": load the same frozen weights, or pass verify_frozen=False."
+            )
+
+
+def _freeze_differences(was: dict[str, dict], cur: dict[str, dict]) -> list[str]:
+    """Per path: leaves only in one, or saved with another shape, dtype, status or mask."""
+    problems = [f"{p!r}: in the checkpoint, not in the params" for p in was if p not in cur]
+    problems += [f"{p!r}: in the params, not in the checkpoint" for p in cur if p not in was]
     for p, e in cur.items():
         w = was.get(p)
         if w is None:
@@ -332,48 +347,36 @@ def check_manifest(
                 f"{p!r}: partially frozen with a different element mask ({w['frozen_elements']} "
                 f"frozen elements when saved, {e['frozen_elements']} now)"
             )
-    if problems:
-        raise ValueError(
-            "the checkpoint was saved under a different freeze (saved with frozen="
-            f"{manifest['selector']}, now frozen={now['selector']}):\n" + _list(problems)
-        )
-    if opt_state is not None and manifest.get("opt_state") is not None:
-        saved_state = manifest["opt_state"]
-        cur_state = _state_entries(opt_state)
-        _refuse_shared_paths([e["path"] for e in cur_state], "optimizer state")
-        was_s = {e["path"]: f"{e['dtype']}{e['shape']}" for e in saved_state}
-        now_s = {e["path"]: f"{e['dtype']}{e['shape']}" for e in cur_state}
-        if was_s != now_s:  # by path: the same leaves in another order are read back by path
-            diff = [f"{p!r}: in the saved state only ({t})" for p, t in was_s.items()
-                    if p not in now_s]
-            diff += [f"{p!r}: in the current state only ({t})" for p, t in now_s.items()
-                     if p not in was_s]
-            diff += [f"{p!r}: saved {t}, now {now_s[p]}" for p, t in was_s.items()
-                     if p in now_s and now_s[p] != t]
-            raise ValueError(
-                f"the optimizer state does not match the one saved ({len(saved_state)} leaves "
-                f"saved, {len(cur_state)} now): another optimizer, or another freeze inside "
-                "it:\n" + _list(diff)
-            )
-    if verify_frozen:
-        flat = _Flat.of(params)
-        moved = []
-        check = [
-            (p, x) for p, x in flat.entries
-            if "fingerprint" in was.get(p, {}) and not was[p]["saved"]
-            and isinstance(x, jax.Array | np.ndarray)
-        ]
-        for (p, _), fp in zip(check, _fingerprint_all([x for _, x in check])):
-            if fp != was[p]["fingerprint"]:
-                moved.append(p)
-        if moved:
-            source = manifest.get("frozen_source")
-            raise ValueError(
-                f"the frozen leaves at {describe_paths(moved)} differ from those the checkpoint "
-                "was trained with"
-                + (f" (saved by reference to {source!r})" if source else "")
-                + ": load the same frozen weights, or pass verify_frozen=False."
-            )
+    return problems
+
+
+def _check_state(saved_state: list[dict], cur_state: list[dict]) -> None:
+    """The optimizer state's paths, shapes and dtypes, compared by path."""
+    _refuse_shared_paths([e["path"] for e in cur_state], "optimizer state")
+    was_s, now_s = _spelled(saved_state), _spelled(cur_state)
+    if was_s == now_s:  # by path: the same leaves in another order are read back by path
+        return
+    diff = [f"{p!r}: in the saved state only ({t})" for p, t in was_s.items() if p not in now_s]
+    diff += [f"{p!r}: in the current state only ({t})" for p, t in now_s.items()
+             if p not in was_s]
+    diff += [f"{p!r}: saved {t}, now {now_s[p]}" for p, t in was_s.items()
+             if p in now_s and now_s[p] != t]
+    raise ValueError(
+        f"the optimizer state does not match the one saved ({len(saved_state)} leaves "
+        f"saved, {len(cur_state)} now): another optimizer, or another freeze inside "
+        "it:\n" + _list(diff)
+    )
+
+
+def _moved_frozen(was: dict[str, dict], params: Any) -> list[str]:
+    """Paths of frozen leaves, not saved, whose fingerprint differs from the manifest's."""
+    check = [
+        (p, x) for p, x in Flat.of(params).entries
+        if "fingerprint" in was.get(p, {}) and not was[p]["saved"]
+        and isinstance(x, jax.Array | np.ndarray)
+    ]
+    prints = _fingerprint_all([x for _, x in check])
+    return [p for (p, _), fp in zip(check, prints, strict=True) if fp != was[p]["fingerprint"]]
 
 
 def _abstract(x: Any) -> Any:
@@ -433,14 +436,14 @@ def save_trainable(
         params, frozen=frozen, opt_state=opt_state, include_frozen=include_frozen,
         frozen_source=frozen_source, fingerprint=fingerprint,
     )
-    flat = _Flat.of(params)
-    items = {"manifest": ocp.args.JsonSave(manifest)}
-    saved = {f"p{i}": x for i, ((_, x), e) in enumerate(zip(flat.entries, manifest["params"]))
-             if e["saved"]}
+    flat = Flat.of(params)
+    items: dict[str, Any] = {"manifest": ocp.args.JsonSave(manifest)}
+    pairs = zip(flat.leaves, manifest["params"], strict=True)
+    saved = {f"p{i}": x for i, (x, e) in enumerate(pairs) if e["saved"]}
     if saved:
         items["params"] = ocp.args.StandardSave(saved)
     if opt_state is not None:
-        state = {f"s{i}": x for i, (_, x) in enumerate(_leaf_paths(opt_state))}
+        state = {f"s{i}": x for i, (_, x) in enumerate(leaves_with_paths(opt_state)[0])}
         if state:
             items["opt_state"] = ocp.args.StandardSave(state)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -482,14 +485,7 @@ def restore_trainable(
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{where}: no checkpoint at {path!r}")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        try:
-            manifest = ckptr.restore(
-                path, ocp.args.Composite(manifest=ocp.args.JsonRestore())).manifest
-        except FileNotFoundError:
-            raise ValueError(f"{where}: not a jfreeze trainable-only checkpoint (it holds no "
-                             "manifest)") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: its manifest is not valid JSON ({e})") from None
+        manifest = _read_manifest(ocp, ckptr, path, where)
         try:
             check_manifest(manifest, params, frozen=frozen, opt_state=opt_state,
                            verify_frozen=verify_frozen)
@@ -501,29 +497,19 @@ def restore_trainable(
         # are the same and unique); the on-disk keys p{i} / s{i} are the
         # positions of the manifest's entries.
         saved_as = {e["path"]: f"p{i}" for i, e in enumerate(manifest["params"]) if e["saved"]}
-        flat = _Flat.of(params)
-        missing = [p for p, x in flat.entries
-                   if p not in saved_as and not isinstance(x, jax.Array | np.ndarray)]
-        if missing:
-            source = manifest.get("frozen_source")
-            raise ValueError(
-                f"{where}: the frozen leaves at {describe_paths(missing)} are not in the "
-                "checkpoint"
-                + (f" (saved by reference to {source!r})" if source else "")
-                + "; pass params that hold their values."
-            )
+        flat = Flat.of(params)
+        _refuse_missing(flat, saved_as, manifest, where)
         target: dict[str, Any] = {}
         wanted = {saved_as[p]: _abstract(x) for p, x in flat.entries if p in saved_as}
         if wanted:
             target["params"] = ocp.args.StandardRestore(wanted)
         state_flat, state_def = [], None
         if opt_state is not None:
-            state_flat, state_def = jax.tree_util.tree_flatten_with_path(opt_state)
-            state_flat = [(path_str(p), x) for p, x in state_flat]
+            state_flat, state_def = leaves_with_paths(opt_state)
             state_as = {e["path"]: f"s{i}" for i, e in enumerate(manifest["opt_state"])}
             if state_flat:
                 target["opt_state"] = ocp.args.StandardRestore(
-                    {state_as[p]: _abstract(x if _is_array(x) else jnp.asarray(x))
+                    {state_as[p]: _abstract(x if is_array(x) else jnp.asarray(x))
                      for p, x in state_flat}
                 )
         got = ckptr.restore(path, ocp.args.Composite(**target)) if target else {}
@@ -535,5 +521,29 @@ def restore_trainable(
     new_state = []
     for p, x in state_flat:
         value = got["opt_state"][state_as[p]]
-        new_state.append(value if _is_array(x) else type(x)(value.item()))
+        new_state.append(value if is_array(x) else type(x)(value.item()))
     return params, jax.tree_util.tree_unflatten(state_def, new_state)
+
+
+def _read_manifest(ocp: Any, ckptr: Any, path: str, where: str) -> Any:
+    try:
+        return ckptr.restore(path, ocp.args.Composite(manifest=ocp.args.JsonRestore())).manifest
+    except FileNotFoundError:
+        raise ValueError(f"{where}: not a jfreeze trainable-only checkpoint (it holds no "
+                         "manifest)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: its manifest is not valid JSON ({e})") from None
+
+
+def _refuse_missing(flat: Flat, saved_as: dict[str, str], manifest: dict, where: str) -> None:
+    """Frozen leaves not saved must be given as arrays in ``params``."""
+    missing = [p for p, x in flat.entries
+               if p not in saved_as and not isinstance(x, jax.Array | np.ndarray)]
+    if missing:
+        source = manifest.get("frozen_source")
+        raise ValueError(
+            f"{where}: the frozen leaves at {describe_paths(missing)} are not in the "
+            "checkpoint"
+            + (f" (saved by reference to {source!r})" if source else "")
+            + "; pass params that hold their values."
+        )

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import inspect
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.extend as jex
 
-from jfreeze.paths import path_str
-from jfreeze.selectors import FrozenSpec, _Flat, as_selector
+from jfreeze._autodiff_hook import (
+    Seen,
+    frozen_not_differentiated,
+    unseen_differentiation,
+)
+from jfreeze._tree import Flat, leaves_with_paths
+from jfreeze.selectors import FrozenSpec, as_selector
 
-__all__ = ["check_frozen_compute", "ComputeReport", "compiled_flops"]
+__all__ = ["ComputeReport", "check_frozen_compute", "compiled_flops"]
 
 _MAX_GROUPS = 16  # output groups examined to name the outputs that use frozen gradients
 
@@ -97,153 +99,6 @@ def _flops(fn: Callable, args: tuple, *, compiled: bool = True) -> float:
     return float(cost.get("flops", 0.0))  # a program with no arithmetic has no "flops" key
 
 
-_PATCH_LOCK = threading.Lock()
-_SEEN = "jfreeze_check_seen"  # the name scope around each differentiation the hook saw
-
-
-def _autodiff_internals() -> tuple[Any, Any] | None:
-    """``(jax._src.interpreters.ad, jax._src.api)`` if they look as the hook expects.
-
-    Every public differentiation API of jax 0.10 reaches autodiff through two
-    functions of ``jax._src.interpreters.ad``, looked up on that module at call
-    time: ``ad.linearize(traceable, primals_ft, ...)`` (``vjp``, hence ``grad``,
-    ``value_and_grad``, ``jacrev``, ``hessian``, ``nnx.grad``, ``eqx.filter_grad``;
-    and ``linearize``) and ``ad.jvp(fun, primals, tangents, ...)`` (``jvp``,
-    ``jacfwd``). Autodiff also names what it emits: each equation's name stack
-    holds a ``jvp`` / ``transpose`` transform (``source_info_util.Transform``), so
-    equations with one but without the hook's scope were differentiated by a path
-    the hook did not see (an alias bound at import, a cached inner ``jax.jit``).
-    None: another layout (another JAX version) -- the check then reports that
-    it could not verify.
-    """
-    try:
-        from jax._src import api, source_info_util
-        from jax._src.interpreters import ad
-    except ImportError:
-        return None
-    try:
-        names = {
-            "linearize": ["traceable", "primals_ft"],
-            "jvp": ["fun", "primals", "tangents"],
-        }
-        for name, params in names.items():
-            got = list(inspect.signature(getattr(ad, name)).parameters)
-            if got[: len(params)] != params:
-                return None
-        if getattr(api, "ad", None) is not ad:
-            return None
-        if not isinstance(source_info_util.Transform, type):
-            return None
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return ad, api
-
-
-@dataclasses.dataclass
-class _Seen:
-    """What the hook saw while the reference step was traced."""
-
-    frozen: set[int]  # ids of values that stand for frozen leaves (inputs, and stopped copies)
-    known: set[int]  # ids of other values the step was given (or that the hook passed on)
-    keep: list  # the objects behind those ids, kept alive so no id is reused
-    calls: int = 0  # differentiations seen
-    stopped: set[int] = dataclasses.field(default_factory=set)  # input frozen leaves stopped
-    unidentified: int = 0  # differentiated tracers that are neither of the above
-    unseen: int = 0  # differentiations the hook could not wrap
-    primals: set[int] = dataclasses.field(default_factory=set)  # ids of everything differentiated
-
-    def register(self, x: Any, frozen: bool) -> None:
-        (self.frozen if frozen else self.known).add(id(x))
-        self.keep.append(x)
-
-
-def _is_float(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.inexact)
-
-
-@contextlib.contextmanager
-def _frozen_not_differentiated(seen: _Seen, inputs: set[int]) -> Iterator[bool]:
-    """While tracing on this thread, every differentiation sees the frozen leaves
-    through ``stop_gradient`` (recognised by the identity of their tracers).
-
-    Yields whether the hook is installed (False: unknown JAX internals).
-    ``inputs``: ids of the step's own frozen leaves (to count ``stopped``).
-    """
-    internals = _autodiff_internals()
-    if internals is None:
-        yield False
-        return
-    ad, _ = internals
-    owner = threading.get_ident()
-    originals = {"linearize": ad.linearize, "jvp": ad.jvp}
-
-    def stopped(fun: Callable, treedef: Any, positions: list[int]) -> Callable:
-        def wrapped(*args):
-            leaves = treedef.flatten_up_to(args)
-            with jax.named_scope(_SEEN):  # marks what this differentiation emits
-                for j, x in enumerate(leaves):
-                    if j in positions:
-                        leaves[j] = jax.lax.stop_gradient(x)
-                    # nested differentiation (hessian, MAML) sees these values as primals
-                    seen.register(leaves[j], j in positions)
-                return fun(*treedef.unflatten(leaves))
-
-        return wrapped
-
-    def hooked(name: str) -> Callable:
-        original = originals[name]
-
-        def call(fun, primals, *rest, **kwargs):
-            if threading.get_ident() != owner:
-                return original(fun, primals, *rest, **kwargs)
-            treedef = getattr(primals, "tree", None)
-            if treedef is None:  # not the FlatTree of jax 0.10: cannot wrap, say so
-                seen.unseen += 1
-                return original(fun, primals, *rest, **kwargs)
-            positions = []
-            for j, x in enumerate(primals):
-                seen.primals.add(id(x))
-                if not _is_float(x) or id(x) in seen.known:
-                    continue
-                if id(x) in seen.frozen:
-                    positions.append(j)
-                    if id(x) in inputs:
-                        seen.stopped.add(id(x))
-                elif isinstance(x, jax.core.Tracer):
-                    seen.unidentified += 1  # derived inside the step: frozen or not?
-            seen.calls += 1
-            return original(stopped(fun, treedef, positions), primals, *rest, **kwargs)
-
-        return call
-
-    with _PATCH_LOCK:
-        ad.linearize, ad.jvp = hooked("linearize"), hooked("jvp")
-        try:
-            yield True
-        finally:
-            ad.linearize, ad.jvp = originals["linearize"], originals["jvp"]
-
-
-def _unseen_differentiation(jaxpr: Any, prefix: tuple = ()) -> int:
-    """How many equations of ``jaxpr`` (nested jaxprs included) autodiff emitted
-    outside the hook's scope. A nested jaxpr's name stacks are relative to its
-    equation's, hence the prefix."""
-    from jax._src import source_info_util
-
-    count = 0
-    for eqn in jaxpr.eqns:
-        stack = prefix + tuple(eqn.source_info.name_stack.stack)
-        if not any(getattr(e, "name", None) == _SEEN for e in stack) and any(
-            isinstance(e, source_info_util.Transform) and e.name in ("jvp", "transpose")
-            for e in stack
-        ):
-            count += 1
-        for sub in jex.core.jaxprs_in_params(eqn.params):
-            count += _unseen_differentiation(getattr(sub, "jaxpr", sub), stack)
-    return count
-
-
 def _groups(paths: list[str], idx: list[int], depth: int) -> dict[str, list[int]]:
     """Output leaf indices ``idx`` grouped by the first ``depth`` segments of their paths."""
     groups: dict[str, list[int]] = {}
@@ -257,7 +112,7 @@ def _traced(fn: Callable, args: tuple) -> tuple[Callable, list, Any]:
     (so each output group is lowered without re-running the user's Python), the
     outputs' ``(path, shape)`` pairs, and the jaxpr."""
     closed, out = jax.make_jaxpr(fn, return_shape=True)(*args)
-    flat_out = jax.tree_util.tree_flatten_with_path(out)[0]
+    flat_out = leaves_with_paths(out)[0]
     return jex.core.jaxpr_as_fun(closed), flat_out, closed.jaxpr
 
 
@@ -349,155 +204,196 @@ def check_frozen_compute(
     >>> jf.check_frozen_compute(cast, params, frozen=jf.paths("body")).ok is None  # not verified
     True
     """
-    sel = as_selector(frozen)
     step_fn = getattr(step_fn, "__wrapped__", step_fn) if hasattr(step_fn, "lower") else step_fn
-    flat, masks = sel.masks(params)
-    frozen_index = {i for i, m in enumerate(masks) if m is True}
-    element_index = {i for i, m in enumerate(masks) if m is not True and m is not False}
+    _, masks = as_selector(frozen).masks(params)
     all_args = (params, *args)
-
-    seen = _Seen(frozen=set(), known=set(), keep=[])
-    hooked = [False]
-    counts = {}
-
-    def ideal(p, *rest):
-        # An entry may be a box around the array (an NNX Variable): its JAX leaves are
-        # what differentiation is handed.
-        arrays = [jax.tree_util.tree_leaves(x) for _, x in _Flat.of(p).entries]
-        for i, xs in enumerate(arrays):
-            for x in xs:
-                seen.register(x, i in frozen_index)
-        for x in jax.tree_util.tree_leaves(rest):
-            seen.register(x, False)
-        inputs = {id(x) for i in frozen_index for x in arrays[i]}
-        with _frozen_not_differentiated(seen, inputs) as hooked[0]:
-            out = step_fn(p, *rest)
-        counts["element_wise"] = sum(
-            any(id(x) in seen.primals for x in arrays[i]) for i in element_index
-        )
-        return out
-
+    ref = _Reference(step_fn, masks)
     # Each variant is traced once (the user's Python runs twice in all); XLA's cost
     # analysis of the compiled programs gives the headline figures.
     leaves = tuple(jax.tree_util.tree_leaves(all_args))
     run, out, _ = _traced(step_fn, all_args)
-    run_ideal, _, jaxpr = _traced(ideal, all_args)
-    if hooked[0]:
-        seen.unseen += _unseen_differentiation(jaxpr)
+    run_ideal, _, jaxpr = _traced(ref, all_args)
+    seen = ref.seen
+    if ref.hooked:
+        seen.unseen += unseen_differentiation(jaxpr)
     del seen.keep[:]  # the tracers of the reference trace are no longer needed
-    differentiated = len(seen.stopped)
-    element_wise = counts["element_wise"]
     flops = _flops(_only(run), leaves, compiled=compiled)
     ideal_flops = _flops(_only(run_ideal), leaves, compiled=compiled)
     ratio = flops / ideal_flops if ideal_flops else (float("inf") if flops else 1.0)
     leak = flops > ideal_flops * (1 + rtol)
-    unverified = []
-    if not hooked[0]:
-        unverified.append(
+    unverified = _unverified(ref.hooked, seen)
+    ok = False if leak else (None if unverified else True)
+    leaking: dict[str, list] = {}
+    if leak and explain:
+        leaking = _leaking_outputs(run, run_ideal, out, leaves, rtol)
+    figures = _Figures(flops, ideal_flops, ratio, compiled, len(seen.stopped),
+                       ref.element_wise, len(ref.frozen_index), seen.calls)
+    return ComputeReport(
+        flops=flops,
+        ideal_flops=ideal_flops,
+        ratio=ratio,
+        ok=ok,
+        differentiated=figures.differentiated,
+        element_wise=figures.element_wise,
+        leaking_outputs=tuple(leaking),
+        unverified=tuple(unverified),
+        message=_message(ok, figures, unverified, leaking),
+    )
+
+
+class _Reference:
+    """The step with every differentiation seeing the frozen leaves through
+    ``stop_gradient`` (the autodiff hook): what it would cost if frozen weight
+    gradients were never computed. Records what the hook saw while traced."""
+
+    def __init__(self, step_fn: Callable, masks: list) -> None:
+        self.step_fn = step_fn
+        self.frozen_index = {i for i, m in enumerate(masks) if m is True}
+        self.element_index = {i for i, m in enumerate(masks) if m is not True and m is not False}
+        self.seen = Seen(frozen=set(), known=set(), keep=[])
+        self.hooked = False
+        self.element_wise = 0
+
+    def __call__(self, p: Any, *rest: Any) -> Any:
+        seen = self.seen
+        # An entry may be a box around the array (an NNX Variable): its JAX leaves are
+        # what differentiation is handed.
+        arrays = [jax.tree_util.tree_leaves(x) for x in Flat.of(p).leaves]
+        for i, xs in enumerate(arrays):
+            for x in xs:
+                seen.register(x, i in self.frozen_index)
+        for x in jax.tree_util.tree_leaves(rest):
+            seen.register(x, False)
+        inputs = {id(x) for i in self.frozen_index for x in arrays[i]}
+        with frozen_not_differentiated(seen, inputs) as hooked:
+            self.hooked = hooked
+            out = self.step_fn(p, *rest)
+        self.element_wise = sum(
+            any(id(x) in seen.primals for x in arrays[i]) for i in self.element_index
+        )
+        return out
+
+
+def _unverified(hooked: bool, seen: Seen) -> list[str]:
+    """Why the check cannot verify (empty when it can)."""
+    out = []
+    if not hooked:
+        out.append(
             f"this JAX version ({jax.__version__}) does not have the autodiff internals the "
             "check hooks (jax._src.interpreters.ad.linearize and .jvp, as in jax 0.10), so "
             "no differentiation in the step was seen"
         )
     if seen.unseen:
-        unverified.append(
+        out.append(
             "the step differentiates by a path the check does not see (e.g. a cached "
             "inner jax.jit, or a JAX-internal alias bound at import; "
             f"{seen.unseen} operation(s) emitted by autodiff outside the hook)"
         )
     if seen.unidentified:
-        unverified.append(
+        out.append(
             f"{seen.unidentified} differentiated value(s) are not leaves of the step's "
             "arguments (params transformed before being differentiated, e.g. cast; passed "
             "through an inner jax.jit, scan or vmap; or activations), so whether they are "
             "frozen cannot be told; differentiate the params leaves themselves, or only the "
             "trainable part (trainable, frozen = jf.split(params, frozen=...))"
         )
-    ok = False if leak else (None if unverified else True)
+    return out
 
-    leaking: list[str] = []
-    shapes: dict[str, list] = {}
-    if leak and explain:
-        # Which outputs pull frozen gradients in: top-level outputs first, then one level
-        # down inside those that do (lowered, not compiled: already pruned to each output).
-        paths = [path_str(p) for p, _ in out]
 
-        def leaks(idx: list[int]) -> bool:
-            as_written = _flops(_only(run, idx), leaves, compiled=False)
-            return as_written > _flops(_only(run_ideal, idx), leaves, compiled=False) * (1 + rtol)
+def _leaking_outputs(
+    run: Callable, run_ideal: Callable, out: list, leaves: tuple, rtol: float
+) -> dict[str, list]:
+    """``{output group: its shapes}`` for the outputs that pull frozen gradients in:
+    top-level outputs first, then one level down inside those that do (lowered, not
+    compiled: already pruned to each output)."""
+    paths = [p for p, _ in out]
 
-        top = _groups(paths, list(range(len(out))), 1)
-        if len(top) <= _MAX_GROUPS:
-            for name, idx in top.items():
-                if not leaks(idx):
-                    continue
-                sub = _groups(paths, idx, 2)
-                if len(sub) == 1 or len(sub) > _MAX_GROUPS:
-                    found = {name: idx}
-                else:
-                    found = {k: v for k, v in sub.items() if leaks(v)} or {name: idx}
-                for k, v in found.items():
-                    leaking.append(k)
-                    shapes[k] = [out[i][1] for i in v]
-    program = "compiled step" if compiled else "step (lowered, not compiled)"
-    figures = f"{flops:.4g} FLOPs vs {ideal_flops:.4g} with frozen leaves not differentiated"
+    def leaks(idx: list[int]) -> bool:
+        as_written = _flops(_only(run, idx), leaves, compiled=False)
+        return as_written > _flops(_only(run_ideal, idx), leaves, compiled=False) * (1 + rtol)
+
+    leaking: dict[str, list] = {}
+    top = _groups(paths, list(range(len(out))), 1)
+    if len(top) > _MAX_GROUPS:
+        return leaking
+    for name, idx in top.items():
+        if not leaks(idx):
+            continue
+        sub = _groups(paths, idx, 2)
+        if len(sub) == 1 or len(sub) > _MAX_GROUPS:
+            found = {name: idx}
+        else:
+            found = {k: v for k, v in sub.items() if leaks(v)} or {name: idx}
+        for k, v in found.items():
+            leaking[k] = [out[i][1] for i in v]
+    return leaking
+
+
+@dataclasses.dataclass(frozen=True)
+class _Figures:
+    flops: float
+    ideal_flops: float
+    ratio: float
+    compiled: bool
+    differentiated: int  # whole frozen leaves differentiated (and stopped by the hook)
+    element_wise: int
+    frozen: int  # whole frozen leaves
+    calls: int  # differentiations seen
+
+
+_LOGGING = (
+    "returning raw gradients or their global norm (optax.tree.norm(grads)) for "
+    "logging: log the norm of the trainable gradients instead, "
+    "optax.tree.norm(jf.split(grads, frozen=...)[0]), or differentiate only the "
+    "trainable part (trainable, frozen = jf.split(params, frozen=...))"
+)
+_OPTIMIZER = (
+    "an optimizer that reads frozen gradients: not wrapped in jf.freeze / "
+    "jf.partition (optax.masked passes frozen gradients through), or a global "
+    "transform (clip_by_global_norm, MultiSteps) chained outside the freeze; wrap "
+    "the whole chain: jf.freeze(optax.chain(...), frozen=...)"
+)
+
+
+def _message(
+    ok: bool | None, f: _Figures, unverified: list[str], leaking: dict[str, list]
+) -> str:
+    """The verdict, the likely cause and the fix."""
+    program = "compiled step" if f.compiled else "step (lowered, not compiled)"
+    figures = f"{f.flops:.4g} FLOPs vs {f.ideal_flops:.4g} with frozen leaves not differentiated"
     elements = (
-        f" {element_wise} element-wise frozen leaves are differentiated in full: their "
+        f" {f.element_wise} element-wise frozen leaves are differentiated in full: their "
         "weight gradients are needed for their trainable elements (not counted as frozen "
         "leaves; jf.freeze keeps their frozen elements fixed)."
-        if element_wise else ""
+        if f.element_wise else ""
     )
     if ok is None:
-        message = (
-            f"not verified ({figures}, ratio {ratio:.3f}): " + "; and ".join(unverified) + "."
-            + elements
+        return (
+            f"not verified ({figures}, ratio {f.ratio:.3f}): " + "; and ".join(unverified)
+            + "." + elements
         )
-    elif ok and differentiated == 0:
-        message = (
-            f"ok: the step never asks for the gradients of the {len(frozen_index)} whole "
-            f"frozen leaves ({figures}; {seen.calls} differentiation(s) seen).{elements}"
+    if ok and f.differentiated == 0:
+        return (
+            f"ok: the step never asks for the gradients of the {f.frozen} whole "
+            f"frozen leaves ({figures}; {f.calls} differentiation(s) seen).{elements}"
         )
-    elif ok:
-        message = (
+    if ok:
+        return (
             f"ok: frozen weight gradients are dead code in the {program} ({figures}, "
-            f"ratio {ratio:.3f}; {differentiated} frozen leaves are differentiated and "
+            f"ratio {f.ratio:.3f}; {f.differentiated} frozen leaves are differentiated and "
             f"dropped).{elements}"
         )
+    head = f"frozen weight gradients survive in the {program}: {figures} ({f.ratio:.2f}x)."
+    scalar = [g for g, shapes in leaking.items() if all(x.ndim == 0 for x in shapes)]
+    arrays = [g for g in leaking if g not in scalar]
+    if leaking:
+        used = f" They are used by the output(s) {', '.join(map(repr, leaking))}."
+        causes = ([_LOGGING] if scalar else []) + (
+            ["returning the raw gradients", _OPTIMIZER] if arrays else []
+        )
     else:
-        head = f"frozen weight gradients survive in the {program}: {figures} ({ratio:.2f}x)."
-        logging = (
-            "returning raw gradients or their global norm (optax.tree.norm(grads)) for "
-            "logging: log the norm of the trainable gradients instead, "
-            "optax.tree.norm(jf.split(grads, frozen=...)[0]), or differentiate only the "
-            "trainable part (trainable, frozen = jf.split(params, frozen=...))"
-        )
-        optimizer = (
-            "an optimizer that reads frozen gradients: not wrapped in jf.freeze / "
-            "jf.partition (optax.masked passes frozen gradients through), or a global "
-            "transform (clip_by_global_norm, MultiSteps) chained outside the freeze; wrap "
-            "the whole chain: jf.freeze(optax.chain(...), frozen=...)"
-        )
-        scalar = [g for g in leaking if all(x.ndim == 0 for x in shapes[g])]
-        arrays = [g for g in leaking if g not in scalar]
-        if leaking:
-            used = f" They are used by the output(s) {', '.join(map(repr, leaking))}."
-            causes = ([logging] if scalar else []) + (
-                ["returning the raw gradients", optimizer] if arrays else []
-            )
-        else:
-            used, causes = "", [logging, optimizer]
-        cause = used + " Likely cause: " + "; or ".join(causes) + "."
-        more = (" Besides, not all of it could be verified: " + "; and ".join(unverified) + "."
-                if unverified else "")
-        message = head + cause + elements + more
-    return ComputeReport(
-        flops=flops,
-        ideal_flops=ideal_flops,
-        ratio=ratio,
-        ok=ok,
-        differentiated=differentiated,
-        element_wise=element_wise,
-        leaking_outputs=tuple(leaking),
-        unverified=tuple(unverified),
-        message=message,
-    )
-
+        used, causes = "", [_LOGGING, _OPTIMIZER]
+    cause = used + " Likely cause: " + "; or ".join(causes) + "."
+    more = (" Besides, not all of it could be verified: " + "; and ".join(unverified) + "."
+            if unverified else "")
+    return head + cause + elements + more

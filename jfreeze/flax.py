@@ -29,11 +29,11 @@ import jax
 from flax import nnx, struct
 from flax.training import train_state as _train_state
 
+from jfreeze._tree import describe_paths, path_str, shape_dtype, simplify
 from jfreeze.forward import merge, split
-from jfreeze.paths import describe_paths, path_str, shape_dtype
-from jfreeze.selectors import FrozenSpec, Selector, _MaskTree, _simplify, as_selector
+from jfreeze.selectors import FrozenSpec, Selector, as_selector
 
-__all__ = ["frozen", "TrainState", "nnx_filter", "NNXFilter"]
+__all__ = ["NNXFilter", "TrainState", "frozen", "nnx_filter"]
 
 CollectionFilter = Any  # what flax takes: a name, a list/tuple of names, True
 
@@ -76,7 +76,8 @@ def _module_methods(cls: type) -> dict[str, Callable]:
     for klass in cls.__mro__:
         if klass is nn.Module or not issubclass(klass, nn.Module):
             break
-        fields = {f.name for f in dataclasses.fields(klass)} if dataclasses.is_dataclass(klass) else set()
+        is_dc = dataclasses.is_dataclass(klass)
+        fields = {f.name for f in dataclasses.fields(klass)} if is_dc else set()
         for name, attr in vars(klass).items():
             if name in found or name in fields or name == "setup":
                 continue
@@ -87,7 +88,7 @@ def _module_methods(cls: type) -> dict[str, Callable]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _frozen_class(cls: type, collections: CollectionFilter) -> type:
     methods = {
         name: fn if getattr(fn, "__jfreeze_frozen__", False) else _frozen_method(fn, collections)
@@ -183,31 +184,11 @@ def frozen(
         return frozen(target.__self__, method=target.__func__, collections=collections)
     if isinstance(target, type) and issubclass(target, nn.Module):
         if method is not None:
-            raise TypeError("jf.flax.frozen(cls, method=...): every method of a frozen class is frozen")
+            raise TypeError(
+                "jf.flax.frozen(cls, method=...): every method of a frozen class is frozen")
         return _frozen_class(target, collections)
     if isinstance(target, nn.Module):
-        cls = type(target)
-        if target.scope is None:  # unbound: becomes an instance of the frozen class
-            if method is not None:
-                raise TypeError(
-                    "jf.flax.frozen(module, method=...) needs a bound module (a submodule "
-                    "used inside __call__); an unbound module is frozen as a whole."
-                )
-            fields = {
-                f.name: getattr(target, f.name)
-                for f in dataclasses.fields(target)
-                if f.init and f.name not in ("parent", "name")
-            }
-            return frozen(cls, collections=collections)(
-                **fields, parent=target.parent, name=target.name
-            )
-        if method is None:
-            fn = cls.__call__
-        elif isinstance(method, str):
-            fn = getattr(cls, method)
-        else:
-            fn = method.__func__ if inspect.ismethod(method) else method
-        return _FrozenCall(target, fn, collections)
+        return _frozen_instance(target, method, collections)
     if callable(target):
         if method is not None:
             raise TypeError("jf.flax.frozen(fn, method=...): method= is for module instances")
@@ -215,6 +196,33 @@ def frozen(
     raise TypeError(
         f"jf.flax.frozen takes a linen Module class, a Module instance or a method, got {target!r}"
     )
+
+
+def _frozen_instance(target: nn.Module, method: str | Callable | None,
+                     collections: CollectionFilter) -> Any:
+    """An unbound module as an instance of the frozen class; a bound one as a frozen call."""
+    cls = type(target)
+    if target.scope is None:  # unbound: becomes an instance of the frozen class
+        if method is not None:
+            raise TypeError(
+                "jf.flax.frozen(module, method=...) needs a bound module (a submodule "
+                "used inside __call__); an unbound module is frozen as a whole."
+            )
+        fields = {
+            f.name: getattr(target, f.name)
+            for f in dataclasses.fields(target)
+            if f.init and f.name not in ("parent", "name")
+        }
+        return frozen(cls, collections=collections)(
+            **fields, parent=target.parent, name=target.name
+        )
+    if method is None:
+        fn = cls.__call__
+    elif isinstance(method, str):
+        fn = getattr(cls, method)
+    else:
+        fn = method.__func__ if inspect.ismethod(method) else method
+    return _FrozenCall(target, fn, collections)
 
 
 # --------------------------------------------------------------------------
@@ -255,7 +263,7 @@ class TrainState(_train_state.TrainState):
 
     @classmethod
     def create(cls, *, apply_fn: Callable, params: Any, tx: Any,
-               frozen: FrozenSpec = None, **kwargs: Any) -> "TrainState":
+               frozen: FrozenSpec | None = None, **kwargs: Any) -> TrainState:
         """Splits ``params`` by ``frozen`` and initialises ``tx`` on the trainable part.
 
         Args:
@@ -274,7 +282,8 @@ class TrainState(_train_state.TrainState):
                               frozen_params=frozen_params, **kwargs)
 
     def merged(self, trainable: Any = None) -> Any:
-        """The full parameter tree: ``trainable`` (default ``self.params``) and the frozen leaves."""
+        """The full parameter tree: ``trainable`` (default ``self.params``) and the frozen
+        leaves."""
         return merge(self.params if trainable is None else trainable, self.frozen_params)
 
 
@@ -299,9 +308,17 @@ class NNXFilter:
 
     selector: Selector
 
+    def __post_init__(self) -> None:
+        if not self.selector.per_leaf:  # refused when built, not at first use
+            raise TypeError(
+                "jf.flax.nnx_filter takes a selector (jf.paths, jf.regex, jf.where, ...): an "
+                "NNX filter sees one variable at a time, and a mask tree or mask function "
+                "(alone or inside a combination) needs the whole tree."
+            )
+
     def __call__(self, path: tuple, value: Any) -> bool:
         p = path_str(path)
-        m = _simplify(self.selector.leaf_mask(p, shape_dtype(_value(value))))
+        m = simplify(self.selector.leaf_mask(p, shape_dtype(_value(value))))
         if not isinstance(m, bool):
             raise ValueError(
                 f"jf.flax.nnx_filter({self.selector!r}) selects only some elements of the "
@@ -346,21 +363,16 @@ def nnx_filter(selector: Selector, *, model: Any) -> NNXFilter:
     ...         self.backbone = nnx.Linear(2, 3, rngs=rngs)
     ...         self.head = nnx.Linear(3, 1, rngs=rngs)
     >>> model = Net(nnx.Rngs(0))
-    >>> trainable = nnx.All(nnx.Param, nnx.Not(jf.flax.nnx_filter(jf.paths("backbone/**"), model=model)))
+    >>> frozen = jf.flax.nnx_filter(jf.paths("backbone/**"), model=model)
+    >>> trainable = nnx.All(nnx.Param, nnx.Not(frozen))
     >>> opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=trainable)
     >>> sorted(nnx.to_flat_state(nnx.state(model, trainable)).paths)  # what trains
     [('head', 'bias'), ('head', 'kernel')]
     >>> jf.flax.nnx_filter(jf.paths("backbon/**"), model=model)
     Traceback (most recent call last):
-    ValueError: jf.paths('backbon/**') matches no leaf of the tree. Closest paths: 'backbone/**', ...
+    ValueError: jf.paths('backbon/**') matches no leaf of the tree. ... 'backbone/**', ...
     """
-    sel = as_selector(selector)
-    if isinstance(sel, _MaskTree):
-        raise TypeError(
-            "jf.flax.nnx_filter takes a selector (jf.paths, jf.regex, jf.where, ...): an "
-            "NNX filter sees one variable at a time, never a whole mask tree."
-        )
-    filt = NNXFilter(sel)
+    filt = NNXFilter(as_selector(selector))
     _check_on_model(filt, model)
     return filt
 
@@ -387,7 +399,7 @@ def _check_on_model(filt: NNXFilter, model: Any) -> None:
     # NNX filter does, so strictness is checked on the same strings.
     by_path = {path_str(p): shape_dtype(_value(v)) for p, v in flat}
     flat_sel, masks = selector.masks(by_path)
-    partial = [p for p, m in zip(flat_sel.paths, masks) if not isinstance(m, bool)]
+    partial = [p for p, m in zip(flat_sel.paths, masks, strict=True) if not isinstance(m, bool)]
     if partial:
         raise ValueError(
             f"jf.flax.nnx_filter({selector!r}) selects only some elements of "

@@ -7,10 +7,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jfreeze.paths import path_str
-from jfreeze.selectors import FrozenSpec, as_selector, compact, everything
+from jfreeze._tree import compact, leaves_with_paths
+from jfreeze.selectors import FrozenSpec, as_selector, everything
 
-__all__ = ["stop_gradient", "split", "merge"]
+__all__ = ["merge", "split", "stop_gradient"]
 
 
 def stop_gradient(tree: Any, *, frozen: FrozenSpec = everything) -> Any:
@@ -33,7 +33,7 @@ def stop_gradient(tree: Any, *, frozen: FrozenSpec = everything) -> Any:
     """
     flat, masks = as_selector(frozen).masks(tree)
     out = []
-    for (_, x), m in zip(flat.entries, masks):
+    for (_, x), m in zip(flat.entries, masks, strict=True):
         if m is True:
             x = jax.lax.stop_gradient(x)
         elif m is not False:
@@ -63,7 +63,7 @@ def split(tree: Any, *, frozen: FrozenSpec) -> tuple[Any, Any]:
     """
     flat, masks = as_selector(frozen).masks(tree)
     train, froz = [], []
-    for (path, x), m in zip(flat.entries, masks):
+    for (path, x), m in zip(flat.entries, masks, strict=True):
         if not isinstance(m, bool):
             raise ValueError(
                 f"jf.split: the selection takes only some elements of the leaf at path "
@@ -82,8 +82,8 @@ def merge(trainable: Any, frozen: Any) -> Any:
     >>> jf.merge({"a": 1.0, "b": None}, {"a": None, "b": 2.0})
     {'a': 1.0, 'b': 2.0}
     """
-    a, adef = _with_nones(trainable)
-    b, bdef = _with_nones(frozen)
+    a, adef = leaves_with_paths(trainable, is_leaf=_is_none)
+    b, bdef = leaves_with_paths(frozen, is_leaf=_is_none)
     if adef != bdef:
         only_a = sorted(set(p for p, _ in a) - set(p for p, _ in b))
         only_b = sorted(set(p for p, _ in b) - set(p for p, _ in a))
@@ -94,7 +94,7 @@ def merge(trainable: Any, frozen: Any) -> Any:
         )
         raise ValueError(f"jf.merge: the two trees do not have the same structure: {where_}.")
     out = []
-    for (path, x), (_, y) in zip(a, b):
+    for (path, x), (_, y) in zip(a, b, strict=True):
         if x is not None and y is not None:
             raise ValueError(
                 f"jf.merge: both trees hold a leaf at path {path!r}; split puts None "
@@ -104,6 +104,5 @@ def merge(trainable: Any, frozen: Any) -> Any:
     return adef.unflatten(out)
 
 
-def _with_nones(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
-    return [(path_str(p), x) for p, x in flat], treedef
+def _is_none(x: Any) -> bool:
+    return x is None

@@ -9,14 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfreeze.paths import broadcast_prefix, describe_paths
-from jfreeze.selectors import FrozenSpec, _Flat, _is_placeholder, as_selector, nothing
+from jfreeze._tree import Flat, Mask, broadcast_prefix, describe_paths, is_array, is_placeholder
+from jfreeze.selectors import FrozenSpec, as_selector, nothing
 
-__all__ = ["summary", "Summary", "assert_frozen"]
+__all__ = ["Row", "Summary", "assert_frozen", "summary"]
 
 
 def _nbytes(x: Any) -> int:
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
+    if is_array(x):
         return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
     return 0
 
@@ -24,7 +24,7 @@ def _nbytes(x: Any) -> int:
 def _is_param(x: Any) -> bool:
     # Arrays and plain numbers hold parameters; functions, strings, ... do not.
     is_number = isinstance(x, (int, float, complex)) and not isinstance(x, bool)
-    return (hasattr(x, "shape") and hasattr(x, "dtype")) or is_number
+    return is_array(x) or is_number
 
 
 def _size(x: Any) -> int:
@@ -73,7 +73,7 @@ class Summary:
             return f"{100 * n / self.total:.1f}%" if self.total else "-"
 
         head = ("", "leaves", "params", "trainable", "frozen", "bytes", "% params")
-        lines = [head]
+        lines: list[tuple[str, ...]] = [head]
         for kind in ("module", "label"):
             rows = [r for r in self.rows if r.kind == kind]
             if rows:
@@ -89,7 +89,8 @@ class Summary:
             if len(line) == 1:
                 out.append(line[0])
                 continue
-            cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]
+            right = [c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)]
+            cells = [line[0].ljust(widths[0]), *right]
             out.append("  ".join(cells))
         rule = "-" * len(out[0])
         out.insert(1, rule)
@@ -98,7 +99,8 @@ class Summary:
             f"total      {self.total:,} params, {_fmt_bytes(self.total_bytes)}",
             f"trainable  {self.trainable:,} params ({pct(self.trainable)}), "
             f"{_fmt_bytes(self.trainable_bytes)}",
-            f"frozen     {self.frozen:,} params ({pct(self.frozen)}), {_fmt_bytes(self.frozen_bytes)}",
+            f"frozen     {self.frozen:,} params ({pct(self.frozen)}), "
+            f"{_fmt_bytes(self.frozen_bytes)}",
         ]
         if self.opt_state_bytes is not None:
             out.append(f"opt state  {_fmt_bytes(self.opt_state_bytes)}")
@@ -151,13 +153,33 @@ def summary(
     flat, masks = sel.masks(params)
     if labels is not None:
         spec = labels(params) if callable(labels) else labels
-        label_of = broadcast_prefix(spec, params, what="label tree", is_hole=_is_placeholder)
+        label_of = broadcast_prefix(spec, params, what="label tree", is_hole=is_placeholder)
     else:
         label_of = [None] * len(flat.entries)
 
+    rows, tot = _count(flat.entries, masks, label_of)
+    state_bytes = None
+    if opt_state is not None:
+        state_bytes = sum(_nbytes(x) for x in jax.tree.leaves(opt_state))
+    return Summary(
+        rows=list(rows.values()),
+        total=tot["params"],
+        trainable=tot["params"] - tot["frozen"],
+        frozen=tot["frozen"],
+        total_bytes=tot["bytes"],
+        trainable_bytes=tot["bytes"] - tot["frozen_bytes"],
+        frozen_bytes=tot["frozen_bytes"],
+        opt_state_bytes=state_bytes,
+    )
+
+
+def _count(
+    entries: list[tuple[str, Any]], masks: list[Mask], label_of: list[Any]
+) -> tuple[dict[tuple[str, str], Row], dict[str, int]]:
+    """Rows per top-level module (and label), and the totals, of the parameter leaves."""
     rows: dict[tuple[str, str], Row] = {}
     tot = dict(params=0, frozen=0, bytes=0, frozen_bytes=0)
-    for (path, x), m, label in zip(flat.entries, masks, label_of):
+    for (path, x), m, label in zip(entries, masks, label_of, strict=True):
         if not _is_param(x):
             continue  # e.g. an unfiltered Equinox module's activation functions
         n = _size(x)
@@ -177,19 +199,7 @@ def summary(
         tot["frozen"] += nf
         tot["bytes"] += b
         tot["frozen_bytes"] += bf
-    state_bytes = None
-    if opt_state is not None:
-        state_bytes = sum(_nbytes(x) for x in jax.tree.leaves(opt_state))
-    return Summary(
-        rows=list(rows.values()),
-        total=tot["params"],
-        trainable=tot["params"] - tot["frozen"],
-        frozen=tot["frozen"],
-        total_bytes=tot["bytes"],
-        trainable_bytes=tot["bytes"] - tot["frozen_bytes"],
-        frozen_bytes=tot["frozen_bytes"],
-        opt_state_bytes=state_bytes,
-    )
+    return rows, tot
 
 
 def _bit_view(x: np.ndarray) -> np.ndarray:
@@ -252,13 +262,14 @@ def assert_frozen(
     AssertionError: ...
     >>> jf.assert_frozen(before, after, frozen=jf.paths("backbone"))
     Traceback (most recent call last):
-    AssertionError: 1 frozen leaf moved: 'backbone' (1 of 3 frozen elements; first at [1]: 0.0 (0x00000000) -> -0.0 (0x80000000))
+    AssertionError: 1 frozen leaf moved: 'backbone' (1 of 3 frozen elements; first at [1]:
+    0.0 (0x00000000) -> -0.0 (0x80000000))
     >>> jf.assert_frozen(before, after, frozen=jf.paths("backbone"), compare="values")
     """
     if compare not in ("bits", "values"):
         raise ValueError(f"jf.assert_frozen: compare= is 'bits' or 'values', got {compare!r}")
     fb, masks = as_selector(frozen).masks(before)
-    fa = _Flat.of(after)
+    fa = Flat.of(after)
     if fb.treedef != fa.treedef:
         pa, pb = set(fa.paths), set(fb.paths)
         odd = sorted(pb ^ pa)
@@ -267,7 +278,7 @@ def assert_frozen(
             + (f" (paths only in one: {describe_paths(odd)})" if odd else "")
         )
     moved = []
-    for (path, a), (_, b), m in zip(fb.entries, fa.entries, masks):
+    for (path, a), (_, b), m in zip(fb.entries, fa.entries, masks, strict=True):
         if m is False:
             continue
         a, b = np.asarray(a), np.asarray(b)

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jfreeze.paths import describe_paths, leaves_with_paths
+from jfreeze._tree import describe_paths, leaves_with_paths
 
-__all__ = ["stack", "unstack", "shard_stacked"]
+__all__ = ["shard_stacked", "stack", "unstack"]
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -45,7 +45,7 @@ def stack(trees: Sequence[Any]) -> Any:
                 f"jf.stack: tree {i} does not have the structure of tree 0"
                 + (f" (paths only in one: {describe_paths(odd)})." if odd else ".")
             )
-        for col, (path, x), (_, x0) in zip(columns, flat, first):
+        for col, (path, x), (_, x0) in zip(columns, flat, first, strict=True):
             s, s0 = np.shape(x), np.shape(x0)
             d, d0 = _dtype(x), _dtype(x0)
             if s != s0 or d != d0:

@@ -11,12 +11,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import optax
 
-from jfreeze.labels import Labels, labels as make_labels, resolve_labels
-from jfreeze.paths import closest, describe_paths
-from jfreeze.selectors import FrozenSpec, Selector, _Flat
-from jfreeze.transforms import _constant
+from jfreeze._routing import constant, resolve_labels
+from jfreeze._tree import Flat, closest, describe_paths
+from jfreeze.labeling import Labels
+from jfreeze.labeling import labels as make_labels
+from jfreeze.selectors import FrozenSpec, where
 
-__all__ = ["scale_by_label", "layerwise_decay", "LayerwiseDecay"]
+__all__ = ["LayerwiseDecay", "layerwise_decay", "scale_by_label"]
 
 
 def _check_multiplier(label: Hashable, m: Any) -> float:
@@ -83,7 +84,7 @@ def scale_by_label(
             labels, tree, mults, who="jf.scale_by_label", noun="multiplier"
         )
         txs = {k: optax.scale(mults[k]) for k in carriers}
-        return optax.partition(txs, _constant(tree_labels))  # never the (callable) tree
+        return optax.partition(txs, constant(tree_labels))  # never the (callable) tree
 
     def init_fn(params):
         return make(params).init(params)
@@ -96,13 +97,13 @@ def scale_by_label(
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class _InLayer(Selector):
-    """Leaves whose *outermost* ``name_<i>`` or ``name/<i>`` path segment has index ``i``."""
+class _InLayer:
+    """``jf.where`` predicate: the *outermost* ``name_<i>`` or ``name/<i>`` segment has index i."""
 
     name: str
     index: int
 
-    def leaf_mask(self, path, leaf):
+    def __call__(self, path: str, leaf: Any) -> bool:
         return _layer_index(self.name, path) == self.index
 
     def __repr__(self):
@@ -168,7 +169,7 @@ def layerwise_decay(
     decay = float(decay)
     if not 0.0 < decay <= 1.0:
         raise ValueError(f"jf.layerwise_decay: decay={decay} is not in (0, 1]")
-    flat = _Flat.of(params)
+    flat = Flat.of(params)
     found = sorted({i for p in flat.paths if (i := _layer_index(layers, p)) is not None})
     if not found:
         near = closest(f"{layers}_0/**", flat.paths)
@@ -177,13 +178,13 @@ def layerwise_decay(
             f"Closest paths: {describe_paths(near)}. Pass layers= the stack's name."
         )
     n = found[-1] + 1
-    rules: dict[str, Any] = {}
+    rules: dict[Hashable, FrozenSpec] = {}
     mults: dict[str, float] = {}
     if bottom is not None:
         rules["bottom"] = bottom
         mults["bottom"] = decay ** (n + 1)
     for i in found:
-        rules[f"{layers}_{i}"] = _InLayer(layers, i)
+        rules[f"{layers}_{i}"] = where(_InLayer(layers, i))
         mults[f"{layers}_{i}"] = decay ** (n - i)
     mults["top"] = 1.0
     label_fn = make_labels(rules, default="top")

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jfreeze.selectors import Mask, Selector, _Flat, as_selector, compact
-from jfreeze.transforms import _as_transform, _constant, _neg_zero, _routed, _zero_updates
+from jfreeze._routing import as_transform, constant, neg_zero, routed, zero_updates
+from jfreeze._tree import Flat, Mask, compact
+from jfreeze.selectors import Selector, as_selector
 
-__all__ = ["gradual_unfreeze", "GradualUnfreezeState", "thawed_value_and_grad"]
+__all__ = ["GradualUnfreezeState", "gradual_unfreeze", "thawed_value_and_grad"]
 
 _NEVER = np.iinfo(np.int64).max  # thaw step of a leaf (or element) that no stage thaws
 _INT32_MAX = int(np.iinfo(np.int32).max)
@@ -53,7 +54,7 @@ def _stages(thaw: Any, name: str = "jf.gradual_unfreeze") -> tuple[tuple[int, Se
     return tuple(sorted(out.items()))
 
 
-def _thaw_steps(stages: Sequence[tuple[int, Selector]], flat: _Flat) -> list[Any]:
+def _thaw_steps(stages: Sequence[tuple[int, Selector]], flat: Flat) -> list[Any]:
     """Per leaf: the step from which it trains (int, ``_NEVER``, or an int64 array of them)."""
     steps: list[Any] = [_NEVER] * len(flat.entries)
     # Later stages first, so that an earlier stage overwrites: a leaf thaws at the
@@ -74,7 +75,7 @@ def _thaw_steps(stages: Sequence[tuple[int, Selector]], flat: _Flat) -> list[Any
 
 def _gate(x: Any, is_open: Any) -> Any:
     """``x`` where the leaf (or element) has thawed, ``-0.0`` elsewhere (keeps bits)."""
-    return jnp.where(is_open, x, _neg_zero(x.dtype))
+    return jnp.where(is_open, x, neg_zero(x.dtype))
 
 
 def _is_open(count: jax.Array, step: Any) -> Any:
@@ -87,10 +88,11 @@ def _is_open(count: jax.Array, step: Any) -> Any:
     return is_open if not never.any() else jnp.logical_and(is_open, ~never)
 
 
-def _gate_tree(tree: Any, flat: _Flat, opens: list[Any]) -> Any:
+def _gate_tree(tree: Any, flat: Flat, opens: list[Any]) -> Any:
     if all(o is None for o in opens):
         return tree
-    leaves = [x if o is None else _gate(x, o) for (_, x), o in zip(_Flat.of(tree).entries, opens)]
+    pairs = zip(Flat.of(tree).leaves, opens, strict=True)
+    leaves = [x if o is None else _gate(x, o) for x, o in pairs]
     return flat.unflatten(leaves)
 
 
@@ -183,53 +185,60 @@ def gradual_unfreeze(
     (Array([-0.5, -0.5], dtype=float32), Array([0.5, 0.5], dtype=float32), Array(3, dtype=int32))
     """
     stages = _stages(thaw)
-    inner = _as_transform(inner)
-
-    def plan(tree):
-        flat = _Flat.of(tree)
-        steps = _thaw_steps(stages, flat)
-        never: list[Mask] = [isinstance(s, int) and s == _NEVER for s in steps]
-        return flat, steps, never
-
-    def stage_of(step: Any) -> Any:
-        if isinstance(step, np.ndarray):
-            step = int(step.min())
-        return "frozen" if step == _NEVER else f"thaw@{step}"
-
-    def per_stage_tx(flat, steps, count):
-        labels = flat.unflatten([stage_of(s) for s in steps])
-        txs: dict[Any, Any] = {}
-        for s in steps:
-            k = stage_of(s)
-            if k == "frozen":
-                txs[k] = _zero_updates()
-            elif k not in txs:
-                step = int(k.removeprefix("thaw@"))
-                txs[k] = inner if step == 0 else _held(inner, count >= step)
-        return optax.partition(txs, _constant(labels))  # never the (callable) tree
+    inner = as_transform(inner)
 
     def init_fn(params):
-        flat, steps, never = plan(params)
-        if per_stage:
-            state = per_stage_tx(flat, steps, jnp.zeros([], jnp.int32)).init(params)
-        else:
-            state = _routed(inner, never, flat).init(params)
-        return GradualUnfreezeState(count=jnp.zeros([], jnp.int32), inner=state)
+        flat = Flat.of(params)
+        count = jnp.zeros([], jnp.int32)
+        state = _inner_tx(inner, flat, _thaw_steps(stages, flat), count, per_stage).init(params)
+        return GradualUnfreezeState(count=count, inner=state)
 
     def update_fn(updates, state, params=None, **extra_args):
-        flat, steps, never = plan(updates)
+        flat = Flat.of(updates)
+        steps = _thaw_steps(stages, flat)
         count = state.count
-        opens = [
-            None if (isinstance(s, int) and s in (0, _NEVER)) else _is_open(count, s)
-            for s in steps
-        ]
+        opens = [None if _settled(s) else _is_open(count, s) for s in steps]
         updates = _gate_tree(updates, flat, opens)
-        tx = per_stage_tx(flat, steps, count) if per_stage else _routed(inner, never, flat)
+        tx = _inner_tx(inner, flat, steps, count, per_stage)
         updates, inner_state = tx.update(updates, state.inner, params, **extra_args)
         updates = _gate_tree(updates, flat, opens)
-        return updates, GradualUnfreezeState(optax.safe_increment(count), inner_state)
+        new_count = cast(jax.Array, optax.safe_increment(count))
+        return updates, GradualUnfreezeState(new_count, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _settled(step: Any) -> bool:
+    """Trains from the start, or never: no gate needed (``routed`` handles never)."""
+    return isinstance(step, int) and step in (0, _NEVER)
+
+
+def _stage_of(step: Any) -> str:
+    """The stage label of a leaf's thaw step(s): ``thaw@<first step>`` or ``frozen``."""
+    if isinstance(step, np.ndarray):
+        step = int(step.min())
+    return "frozen" if step == _NEVER else f"thaw@{step}"
+
+
+def _inner_tx(
+    inner: optax.GradientTransformationExtraArgs, flat: Flat, steps: list[Any],
+    count: jax.Array, per_stage: bool,
+) -> optax.GradientTransformationExtraArgs:
+    """``inner`` with what no stage thaws routed away; with ``per_stage``, one
+    ``inner`` per stage, each held at its initial state until its step."""
+    if not per_stage:
+        never: list[Mask] = [isinstance(s, int) and s == _NEVER for s in steps]
+        return routed(inner, never, flat)
+    labels = [_stage_of(s) for s in steps]
+    txs: dict[Any, Any] = {}
+    for k in labels:
+        if k == "frozen":
+            txs[k] = zero_updates()
+        elif k not in txs:
+            step = int(k.removeprefix("thaw@"))
+            txs[k] = inner if step == 0 else _held(inner, count >= step)
+    # A function returning the label tree, never the (maybe callable) tree itself.
+    return optax.with_extra_args_support(optax.partition(txs, constant(flat.unflatten(labels))))
 
 
 def thawed_value_and_grad(
@@ -264,10 +273,10 @@ def thawed_value_and_grad(
     stages = _stages(thaw, name)
 
     def value_and_grad(count, params, *args, **kwargs):
-        flat = _Flat.of(params)
+        flat = Flat.of(params)
         first = [int(np.min(s)) if isinstance(s, np.ndarray) else s
                  for s in _thaw_steps(stages, flat)]
-        for (path, x), step in zip(flat.entries, first):
+        for (path, x), step in zip(flat.entries, first, strict=True):
             if step != _NEVER and not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
                 raise TypeError(f"{name}: the leaf at path {path!r} thaws at step {step} but has "
                                 f"dtype {jnp.result_type(x)}; only float leaves have gradients.")
@@ -282,13 +291,13 @@ def thawed_value_and_grad(
             def run():
                 def f(sub):
                     full = list(leaves)
-                    for i, x in zip(idx, sub):
+                    for i, x in zip(idx, sub, strict=True):
                         full[i] = x
                     return fun(flat.unflatten(full), *args, **kwargs)
 
                 out, sub_grads = jax.value_and_grad(f, has_aux=has_aux)([leaves[i] for i in idx])
                 grads = [jnp.zeros_like(x) for x in leaves]
-                for i, g in zip(idx, sub_grads):
+                for i, g in zip(idx, sub_grads, strict=True):
                     grads[i] = g
                 return out, flat.unflatten(grads)
 

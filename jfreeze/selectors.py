@@ -1,8 +1,9 @@
 """Selectors: pure, static, hashable descriptions of a set of leaves or elements.
 
-A selector looks only at a leaf's key path (see :mod:`jfreeze.paths`), shape and
-dtype, never at its values, so it gives the same answer on params, gradients,
-tracers and ``jax.ShapeDtypeStruct``; it is evaluated with NumPy at trace time.
+A selector looks only at a leaf's key path (``/``-joined, see :func:`jfreeze.path_str`),
+shape and dtype, never at its values, so it gives the same answer on params,
+gradients, tracers and ``jax.ShapeDtypeStruct``; it is evaluated with NumPy at
+trace time.
 
 Calling a selector on a tree gives a *mask tree*: ``True``/``False`` per leaf, or
 a NumPy bool array of the leaf's shape where only some elements are selected.
@@ -14,147 +15,55 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import sys
-from collections.abc import Callable, Iterator
-from typing import Any, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeAlias, Union
 
 import jax
 import numpy as np
-import optax
+from jax.core import Tracer
 
-from jfreeze.paths import (
-    Glob,
+from jfreeze._globs import Glob, compile_glob
+from jfreeze._tree import (
+    Flat,
+    Mask,
     broadcast_prefix,
-    check_unique_paths,
     closest,
-    compile_glob,
     describe_paths,
+    is_array,
+    is_placeholder,
+    mask_and,
+    mask_not,
+    mask_or,
     shape_dtype,
+    simplify,
+    spell_leaf,
 )
 
 __all__ = [
+    "FrozenSpec",
     "Selector",
-    "paths",
-    "regex",
-    "where",
+    "as_selector",
     "elements",
     "everything",
     "nothing",
-    "as_selector",
+    "paths",
+    "regex",
+    "where",
 ]
 
-Mask = Union[bool, np.ndarray]  # one leaf's mask: whole leaf, or per element
-FrozenSpec = Any  # a Selector, a bool mask tree (prefix), or params -> mask tree
-
-
-# --------------------------------------------------------------------------
-# Walking a tree.
-
-
-def _is_variable(x: Any) -> bool:
-    # An NNX Variable is one leaf, spelled by its own path (not ".../value"), so a
-    # selector answers the same on nnx.State (optimizer init) and on plain arrays
-    # (gradients). No flax import: if flax.nnx was never imported, no Variable exists.
-    nnx = sys.modules.get("flax.nnx")
-    return nnx is not None and isinstance(x, nnx.Variable)
-
-
-def _flat_leaf(x: Any) -> bool:
-    return _is_placeholder(x) or _is_variable(x)
-
-
-def _is_placeholder(x: Any) -> bool:
-    # Holes left by jf.split (None) and optax.masked (MaskedNode): they carry a
-    # path but no array, so patterns may match them without being "typos".
-    return x is None or isinstance(x, optax.MaskedNode)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Flat:
-    """A tree flattened once: real leaves by path, plus placeholder paths."""
-
-    entries: list  # (path, leaf) for real leaves, in tree order
-    holes: list  # paths of None / MaskedNode placeholders
-    slots: list  # the flattened list, placeholders included
-    treedef: Any
-    tree: Any
-
-    @classmethod
-    def of(cls, tree: Any) -> "_Flat":
-        flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_flat_leaf)
-        # Two leaves spelled alike ({"enc/w": ..} and {"enc": {"w": ..}}) could
-        # never be told apart by a pattern: refuse the tree, naming both.
-        spelled = check_unique_paths(p for p, _ in flat)
-        entries, holes = [], []
-        for p, (_, x) in zip(spelled, flat):
-            if _is_placeholder(x):
-                holes.append(p)
-            else:
-                entries.append((p, x))
-        return cls(entries, holes, [x for _, x in flat], treedef, tree)
-
-    @property
-    def paths(self) -> list[str]:
-        return [p for p, _ in self.entries]
-
-    def unflatten(self, values: list) -> Any:
-        """A tree shaped like the input, with ``values`` at the real leaves."""
-        it = iter(values)
-        return self.treedef.unflatten([x if _is_placeholder(x) else next(it) for x in self.slots])
-
-
-# --------------------------------------------------------------------------
-# Mask algebra (bool or NumPy bool array of the leaf's shape).
-
-
-def _or(a: Mask, b: Mask) -> Mask:
-    if a is True or b is True:
-        return True
-    if a is False:
-        return b
-    if b is False:
-        return a
-    return np.logical_or(a, b)
-
-
-def _and(a: Mask, b: Mask) -> Mask:
-    if a is False or b is False:
-        return False
-    if a is True:
-        return b
-    if b is True:
-        return a
-    return np.logical_and(a, b)
-
-
-def _not(a: Mask) -> Mask:
-    return (not a) if isinstance(a, bool) else np.logical_not(a)
-
-
-def _simplify(m: Mask) -> Mask:
-    """An element mask that selects all or nothing is a whole-leaf mask."""
-    if isinstance(m, bool):
-        return m
-    if m.all():
-        return True
-    if not m.any():
-        return False
-    return m
-
-
-def compact(m: np.ndarray) -> np.ndarray:
-    """The smallest array that broadcasts back to ``m``, so a column mask on a
-    large kernel becomes a small constant in the compiled program."""
-    for axis in range(m.ndim):
-        first = m.take([0], axis=axis)
-        if (m == first).all():
-            m = first
-    return m
+#: What ``frozen=`` (and a ``jf.labels`` rule) accepts everywhere: a :class:`Selector`;
+#: or what optax takes as a mask: a bool, a bool mask tree that is a prefix of the
+#: params tree (dicts, lists, tuples, NamedTuples; other pytree nodes such as
+#: dataclasses are accepted at run time too), or a function ``params -> mask tree``.
+FrozenSpec: TypeAlias = Union[
+    "Selector", bool, np.ndarray, jax.Array, Mapping[Any, Any], Sequence[Any],
+    Callable[[Any], Any],
+]
 
 
 def _concrete(value: Any, where_: str) -> Any:
     """NumPy value of ``value``; a clear error if it is traced."""
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, Tracer):
         raise TypeError(
             f"{where_}: the selection depends on traced values. Selectors and masks "
             "must depend only on the key path, shape and dtype of a leaf, so they "
@@ -192,7 +101,7 @@ def _bool_mask(value: Any, leaf: Any, where_: str) -> Mask:
             f"{type(leaf).__name__}."
         )
     try:
-        return _simplify(np.broadcast_to(value, shape))
+        return simplify(np.broadcast_to(value, shape))
     except ValueError:
         raise ValueError(
             f"{where_}: mask of shape {value.shape} does not broadcast to the "
@@ -209,7 +118,7 @@ def _compile_regex(pattern: str) -> re.Pattern:
     return re.compile(pattern)
 
 
-def _check_strict(sel: "Selector", flat: _Flat) -> None:
+def _check_strict(sel: Selector, flat: Flat) -> None:
     """Every strict glob / regex inside ``sel`` must match some path."""
     all_paths = flat.paths + flat.holes
     for label, compiled, spelled in sel._strict_patterns():
@@ -223,19 +132,15 @@ def _check_strict(sel: "Selector", flat: _Flat) -> None:
             )
 
 
-def _check_same_answer(sel: "Selector", flat: _Flat, masks: list[Mask], like: Any) -> None:
-    other_flat = _Flat.of(like)
-    other = dict(zip(other_flat.paths, sel.evaluate(other_flat)))
+def _check_same_answer(sel: Selector, flat: Flat, masks: list[Mask], like: Any) -> None:
+    other_flat = Flat.of(like)
+    other = dict(zip(other_flat.paths, sel.evaluate(other_flat), strict=True))
     leaves = dict(other_flat.entries)
 
     def kind(m: Mask) -> str:
         return "selected" if m is True else "not selected" if m is False else "some elements"
 
-    def spell(x: Any) -> str:
-        x = shape_dtype(x)
-        return f"{x.dtype}{list(x.shape)}" if hasattr(x, "dtype") else type(x).__name__
-
-    for (path, x), m in zip(flat.entries, masks):
+    for (path, x), m in zip(flat.entries, masks, strict=True):
         if path not in other:
             continue
         o = other[path]
@@ -243,9 +148,9 @@ def _check_same_answer(sel: "Selector", flat: _Flat, masks: list[Mask], like: An
         if not same:
             raise ValueError(
                 f"{sel!r} gives different answers for the two trees at path {path!r}: "
-                f"{kind(o)} on {spell(leaves[path])}, {kind(m)} on {spell(x)}. A selector "
-                "must answer the same for params and their updates; if it tests the dtype "
-                "(e.g. f32 params, bf16 gradients), test the path or shape instead, or "
+                f"{kind(o)} on {spell_leaf(leaves[path])}, {kind(m)} on {spell_leaf(x)}. "
+                "A selector must answer the same for params and their updates; if it tests the "
+                "dtype (e.g. f32 params, bf16 gradients), test the path or shape instead, or "
                 "cast the gradients to the params' dtype."
             )
 
@@ -257,30 +162,65 @@ def _check_same_answer(sel: "Selector", flat: _Flat, masks: list[Mask], like: An
 class Selector:
     """Base class of every selector; combine with ``|``, ``&``, ``~`` and ``-``.
 
+    A selector is called on a tree (``sel(params)``) and returns its mask tree.
+
+    **Writing a selector.** Subclass it as a frozen dataclass (hashable, compared
+    by value) and implement :meth:`leaf_mask`, the one extension point: it
+    receives a leaf's path string and its ``jax.ShapeDtypeStruct`` and returns a
+    :data:`Mask` (``True``/``False``, or a bool array of the leaf's shape). The
+    combinators, strict-pattern checks and every transform then work with it:
+
+    >>> import dataclasses
     >>> import jax.numpy as jnp
     >>> import jfreeze as jf
-    >>> params = {"backbone": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
-    >>> (jf.paths("backbone/**") | jf.paths("head/w"))(params)
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Rank(jf.Selector):
+    ...     ndim: int
+    ...     def leaf_mask(self, path, leaf):
+    ...         return leaf.ndim == self.ndim
+    >>> params = {"backbone": {"w": jnp.ones((2, 2))}, "head": {"w": jnp.ones(2)}}
+    >>> (Rank(1) | jf.paths("backbone/**"))(params)
     {'backbone': {'w': True}, 'head': {'w': True}}
+    >>> (Rank(2) - jf.paths("backbone/**"))(params)
+    {'backbone': {'w': False}, 'head': {'w': False}}
+
+    (``jf.where(lambda path, leaf: leaf.ndim == 1)`` does the same without a class.)
     """
 
-    # Per-leaf answer; ``leaf`` is a ShapeDtypeStruct for arrays.
-    def leaf_mask(self, path: str, leaf: Any) -> Mask:
-        raise NotImplementedError
+    @property
+    def per_leaf(self) -> bool:
+        """False for a selector that needs the whole tree (a mask tree or mask
+        function, alone or in a combination): it has no :meth:`leaf_mask`, so it
+        cannot serve where leaves are seen one at a time (an NNX filter)."""
+        return True
 
-    def _masks(self, flat: _Flat) -> list[Mask]:
+    def leaf_mask(self, path: str, leaf: Any) -> Mask:
+        """The mask of one leaf: ``True``, ``False`` or a bool array of its shape.
+
+        Args:
+          path: the leaf's ``/``-joined path.
+          leaf: a ``jax.ShapeDtypeStruct`` for arrays (the leaf as is otherwise):
+            shape and dtype only, never values.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement leaf_mask")
+
+    def _masks(self, flat: Flat) -> list[Mask]:
+        # The one evaluation path: per leaf, unless a subclass needs the whole tree.
         return [self.leaf_mask(p, shape_dtype(x)) for p, x in flat.entries]
 
     def _strict_patterns(self) -> Iterator[tuple[str, re.Pattern | Glob, str]]:
         return iter(())
 
-    def evaluate(self, flat: _Flat) -> list[Mask]:
+    def evaluate(self, flat: Flat) -> list[Mask]:
         """Masks of a flattened tree's leaves, with strict patterns checked."""
         _check_strict(self, flat)
-        return [_simplify(m) for m in self._masks(flat)]
+        return [simplify(m) for m in self._masks(flat)]
 
-    def masks(self, tree: Any, *, like: Any = None) -> tuple[_Flat, list[Mask]]:
+    def masks(self, tree: Any, *, like: Any = None) -> tuple[Flat, list[Mask]]:
         """Flattens ``tree`` and evaluates the selector on it.
+
+        This is how jfreeze's transforms evaluate a selector; user code calls
+        the selector instead.
 
         Args:
           tree: the tree to select in (params, updates, ...).
@@ -290,8 +230,11 @@ class Selector:
             selector that tests the dtype, on f32 params and bf16 gradients,
             would otherwise route a leaf one way at ``init`` and another at
             ``update``.
+
+        Returns:
+          The flattened tree and one mask per real leaf, in tree order.
         """
-        flat = _Flat.of(tree)
+        flat = Flat.of(tree)
         masks = self.evaluate(flat)
         if like is not None:
             _check_same_answer(self, flat, masks, like)
@@ -301,17 +244,17 @@ class Selector:
         flat, masks = self.masks(tree)
         return flat.unflatten(masks)
 
-    def __or__(self, other: "Selector") -> "Selector":
-        return _Or(self, as_selector(other))
+    def __or__(self, other: FrozenSpec) -> Selector:
+        return _Combined.of("|", self, as_selector(other))
 
-    def __and__(self, other: "Selector") -> "Selector":
-        return _And(self, as_selector(other))
+    def __and__(self, other: FrozenSpec) -> Selector:
+        return _Combined.of("&", self, as_selector(other))
 
-    def __sub__(self, other: "Selector") -> "Selector":
-        return _And(self, _Not(as_selector(other)))
+    def __sub__(self, other: FrozenSpec) -> Selector:
+        return _Combined.of("&", self, ~as_selector(other))
 
-    def __invert__(self) -> "Selector":
-        return _Not(self)
+    def __invert__(self) -> Selector:
+        return _Combined.of("~", self)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -361,7 +304,7 @@ class _Where(Selector):
             # Outside any trace: shape-only jnp code gives concrete values under jit.
             with jax.ensure_compile_time_eval():
                 out = self.predicate(path, leaf)
-        except Exception as e:  # noqa: BLE001 - re-raised with the path named
+        except Exception as e:
             raise TypeError(
                 f"jf.where({_name(self.predicate)}) failed at path {path!r}: "
                 f"{type(e).__name__}: {e}. The predicate receives (path, leaf) where "
@@ -382,7 +325,7 @@ def _freeze_index(x: Any) -> Any:
         return (type(x).__name__, *map(_freeze_index, x))
     if isinstance(x, np.ndarray):
         return ("array", x.shape, x.dtype.str, x.tobytes())
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, Tracer):
         return ("traced", id(x))  # never equal to another value; hashable
     if isinstance(x, (bool, int, float, complex, np.generic)):
         return (type(x).__name__, x)  # True and 1 are different masks
@@ -397,7 +340,7 @@ def _to_numpy(x: Any) -> Any:
     """
     if isinstance(x, tuple):
         return tuple(map(_to_numpy, x))
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    if isinstance(x, jax.Array) and not isinstance(x, Tracer):
         x = np.asarray(x)
     elif isinstance(x, list):
         try:
@@ -426,7 +369,7 @@ def _index_problem(x: Any, top: bool = True) -> str | None:
 
 def _element_mask(spec: Any, leaf: Any, where_: str) -> Mask:
     """One leaf's mask from a bool / bool array (broadcast) or an index expression."""
-    spec = _to_numpy(_concrete(spec, where_) if isinstance(spec, jax.core.Tracer) else spec)
+    spec = _to_numpy(_concrete(spec, where_) if isinstance(spec, Tracer) else spec)
     if isinstance(spec, (bool, np.bool_)) or (
         isinstance(spec, np.ndarray) and spec.dtype == np.bool_
     ):
@@ -447,7 +390,7 @@ def _element_mask(spec: Any, leaf: Any, where_: str) -> Mask:
             f"{where_}: index {_index_repr(spec)} does not fit the leaf's shape "
             f"{tuple(leaf.shape)}: {e}"
         ) from None
-    return _simplify(out)
+    return simplify(out)
 
 
 def _index_repr(x: Any) -> str:
@@ -481,8 +424,7 @@ class _Elements(Selector):
         if not compile_glob(self.glob).fullmatch(path):
             return False
         where_ = f"jf.elements({self.glob!r}) at path {path!r}"
-        shape = getattr(leaf, "shape", None)
-        if shape is None or not hasattr(leaf, "dtype"):
+        if not is_array(leaf):
             raise TypeError(
                 f"{where_}: element-wise selection needs an array leaf, got "
                 f"{type(leaf).__name__}. Use jf.paths for whole leaves."
@@ -493,9 +435,9 @@ class _Elements(Selector):
                 # Outside any trace: shape-only jnp code gives concrete values under jit.
                 with jax.ensure_compile_time_eval():
                     spec = spec(leaf)
-            except Exception as e:  # noqa: BLE001 - re-raised with the path named
+            except Exception as e:
                 raise TypeError(
-                    f"{where_}: the mask function {_name(spec)} failed: {type(e).__name__}: "
+                    f"{where_}: the mask function {_name(self.mask)} failed: {type(e).__name__}: "
                     f"{e}. It receives a jax.ShapeDtypeStruct: it may use the shape and "
                     "dtype, never the values."
                 ) from e
@@ -531,61 +473,55 @@ class _Constant(Selector):
         return "everything" if self.value else "nothing"
 
 
-@dataclasses.dataclass(frozen=True, repr=False)
-class _Or(Selector):
-    a: Selector
-    b: Selector
-
-    def _masks(self, flat):
-        return list(map(_or, self.a._masks(flat), self.b._masks(flat)))
-
-    def leaf_mask(self, path, leaf):
-        return _or(self.a.leaf_mask(path, leaf), self.b.leaf_mask(path, leaf))
-
-    def _strict_patterns(self):
-        yield from self.a._strict_patterns()
-        yield from self.b._strict_patterns()
-
-    def __repr__(self):
-        return f"({self.a!r} | {self.b!r})"
+_OPS: dict[str, Callable[..., Mask]] = {"|": mask_or, "&": mask_and, "~": mask_not}
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class _And(Selector):
-    a: Selector
-    b: Selector
+class _Combined(Selector):
+    """``|`` / ``&`` of any number of selectors, or ``~`` of one: masks combined per leaf."""
+
+    op: str
+    parts: tuple[Selector, ...]
+
+    @classmethod
+    def of(cls, op: str, *parts: Selector) -> _Combined:
+        # n-ary: (a | b) | c is one union of three (each strict pattern still checked alone)
+        flat = [q for p in parts for q in (p.parts if isinstance(p, _Combined) and p.op == op
+                                            and op != "~" else (p,))]
+        return cls(op, tuple(flat))
+
+    @property
+    def per_leaf(self) -> bool:
+        return all(p.per_leaf for p in self.parts)
 
     def _masks(self, flat):
-        return list(map(_and, self.a._masks(flat), self.b._masks(flat)))
+        columns = [p._masks(flat) for p in self.parts]
+        return [_OPS[self.op](*row) for row in zip(*columns, strict=True)]
 
     def leaf_mask(self, path, leaf):
-        return _and(self.a.leaf_mask(path, leaf), self.b.leaf_mask(path, leaf))
+        # The same evaluation, on a tree of this one leaf (tree-only parts refused).
+        if not self.per_leaf:
+            raise TypeError(
+                f"{self!r}: a mask tree or mask function needs the whole tree; use a "
+                "selector (jf.paths, jf.regex, jf.where, jf.elements) where leaves are "
+                "seen one at a time"
+            )
+        return self._masks(Flat.of({path: leaf}))[0]
 
     def _strict_patterns(self):
-        yield from self.a._strict_patterns()
-        yield from self.b._strict_patterns()
+        for p in self.parts:
+            yield from p._strict_patterns()
 
     def __repr__(self):
-        if isinstance(self.b, _Not):
-            return f"({self.a!r} - {self.b.a!r})"
-        return f"({self.a!r} & {self.b!r})"
-
-
-@dataclasses.dataclass(frozen=True, repr=False)
-class _Not(Selector):
-    a: Selector
-
-    def _masks(self, flat):
-        return [_not(m) for m in self.a._masks(flat)]
-
-    def leaf_mask(self, path, leaf):
-        return _not(self.a.leaf_mask(path, leaf))
-
-    def _strict_patterns(self):
-        return self.a._strict_patterns()
-
-    def __repr__(self):
-        return f"~{self.a!r}"
+        if self.op == "~":
+            return f"~{self.parts[0]!r}"
+        out = repr(self.parts[0])
+        for p in self.parts[1:]:  # a & ~b reads a - b ('-' binds tighter than '&')
+            if self.op == "&" and isinstance(p, _Combined) and p.op == "~":
+                out += f" - {p.parts[0]!r}"
+            else:
+                out += f" {self.op} {p!r}"
+        return f"({out})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False, eq=False)
@@ -599,11 +535,15 @@ class _MaskTree(Selector):
         if callable(spec):
             with jax.ensure_compile_time_eval():  # shape-only jnp code stays concrete
                 spec = spec(flat.tree)
-        values = broadcast_prefix(spec, flat.tree, what="mask", is_hole=_is_placeholder)
+        values = broadcast_prefix(spec, flat.tree, what="mask", is_hole=is_placeholder)
         return [
             _bool_mask(m, shape_dtype(x), f"mask at path {p!r}")
-            for (p, x), m in zip(flat.entries, values)
+            for (p, x), m in zip(flat.entries, values, strict=True)
         ]
+
+    @property
+    def per_leaf(self) -> bool:
+        return False
 
     def leaf_mask(self, path, leaf):
         raise TypeError(

@@ -2,85 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jfreeze.labels import resolve_labels
-from jfreeze.paths import describe_paths, path_str
-from jfreeze.selectors import FrozenSpec, Mask, _Flat, _is_placeholder, as_selector, compact
+from jfreeze._routing import as_transform, constant, neg_zero, resolve_labels, routed, zero_updates
+from jfreeze._tree import Flat, Mask, compact, describe_paths, is_placeholder, path_str
+from jfreeze.selectors import FrozenSpec, as_selector
 
-__all__ = ["freeze", "partition", "apply_updates"]
-
-_TRAIN, _FROZEN = "trainable", "frozen"
-
-
-def _as_transform(tx: Any, what: str = "inner") -> optax.GradientTransformationExtraArgs:
-    """Anything with optax's init/update (e.g. optax.MultiSteps), by duck typing."""
-    if isinstance(tx, optax.GradientTransformation):
-        return optax.with_extra_args_support(tx)
-    if callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None)):
-        return optax.GradientTransformationExtraArgs(tx.init, tx.update)
-    raise TypeError(f"{what} must be an optax GradientTransformation (init/update), got {tx!r}")
-
-
-def _neg_zero(dtype: Any) -> Any:
-    """``-0.0`` of ``dtype``; ``-0-0j`` for complex, as ``-0+0j`` flips a ``-0.0``
-    imaginary part to ``+0.0`` when added."""
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        return jnp.array(complex(-0.0, -0.0), dtype)
-    return jnp.array(-0.0, dtype)
-
-
-def _zero_updates() -> optax.GradientTransformation:
-    """Like ``optax.set_to_zero`` but with -0.0 (-0-0j), the update whose add
-    changes the fewest bits (see :func:`freeze` for what an add still changes)."""
-
-    def zero(u):
-        if u.dtype == jax.dtypes.float0:  # an int leaf's gradient: nothing to zero
-            return u
-        return jnp.full_like(u, _neg_zero(u.dtype))
-
-    def update(updates, state, params=None):
-        del params
-        return jax.tree.map(zero, updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
+__all__ = ["apply_updates", "freeze", "partition"]
 
 def _zero_elements(tree: Any, masks: list[Mask]) -> Any:
     """``jnp.where(mask, -0.0, x)`` on element-wise frozen leaves (never ``mask * x``)."""
     if all(isinstance(m, bool) for m in masks):
         return tree
-    flat = _Flat.of(tree)
+    flat = Flat.of(tree)
     out = [
-        x if isinstance(m, bool) else jnp.where(compact(m), _neg_zero(x.dtype), x)
-        for (_, x), m in zip(flat.entries, masks)
+        x if isinstance(m, bool) else jnp.where(compact(m), neg_zero(x.dtype), x)
+        for (_, x), m in zip(flat.entries, masks, strict=True)
     ]
     return flat.unflatten(out)
-
-
-def _constant(tree: Any) -> Callable[[Any], Any]:
-    # optax.partition / optax.masked *call* a label or mask tree that is callable,
-    # and an Equinox module is: hand optax a function that returns the tree.
-    return lambda _: tree
-
-
-def _routed(inner, masks: list[Mask], flat: _Flat) -> optax.GradientTransformationExtraArgs:
-    # Whole frozen leaves are routed away before `inner` sees anything: no state,
-    # not seen by clipping, decay, accumulation or norms (optax.partition).
-    # Extra args shaped like the updates (lbfgs's grad=) are routed alike.
-    labels = flat.unflatten([_FROZEN if m is True else _TRAIN for m in masks])
-    return optax.partition(
-        {_TRAIN: inner, _FROZEN: _zero_updates()}, _constant(labels),
-        mask_compatible_extra_args=True,
-    )
 
 
 # Extra args that optax calls with (a subtree of) the params: sophia's obj_fn,
@@ -98,15 +44,16 @@ def _filled_fns(extra_args: dict, params: Any, masks: list[Mask] | None = None) 
     """
     if params is None or not any(callable(extra_args.get(k)) for k in _PARAMS_FNS):
         return extra_args
-    pflat = _Flat.of(params)
+    pflat = Flat.of(params)
     it = iter(masks if masks is not None else [False] * len(pflat.entries))
-    slot_masks = [None if _is_placeholder(x) else next(it) for x in pflat.slots]
+    slot_masks = [None if is_placeholder(x) else next(it) for x in pflat.slots]
 
     def fill(fn):
         @functools.wraps(fn)  # keeps fn's signature: linesearches inspect it for kwargs
         def filled(sub, *args, **kwargs):
             out = []
-            for s, x, m in zip(pflat.treedef.flatten_up_to(sub), pflat.slots, slot_masks):
+            given = pflat.treedef.flatten_up_to(sub)
+            for s, x, m in zip(given, pflat.slots, slot_masks, strict=True):
                 if isinstance(s, optax.MaskedNode):
                     s = x
                 elif isinstance(m, np.ndarray):
@@ -129,37 +76,52 @@ def _state_mismatch(init: Callable, updates: Any, state: Any) -> str | None:
     """
     try:
         expected = jax.eval_shape(init, updates)
-    except Exception:  # noqa: BLE001 - a diagnosis must never hide the real error
+    except Exception:  # a diagnosis must never hide the real error
         return None
-    is_leaf = lambda x: x is None or isinstance(x, optax.MaskedNode)  # noqa: E731
     keys = {
         tuple(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_placeholder)[0]
+        for p, _ in jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_placeholder)[0]
         if p
     }
-
-    def kind(x):
-        if x is None:
-            return "hole"
-        if isinstance(x, optax.MaskedNode):
-            return "routed"
-        return getattr(x, "shape", ())
-
-    def by_prefix(tree, prefixes=None):
-        found: dict = {}
-        for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
-            p = tuple(p)
-            for i in range(len(p)):
-                if (p[i:] in keys) if prefixes is None else (p[:i] in prefixes):
-                    found.setdefault(p[:i], {})[path_str(p[i:])] = kind(x)
-                    break
-        return found
-
-    new = by_prefix(expected)
-    old = by_prefix(state, set(new))
+    new = _by_prefix(expected, keys)
+    old = _by_prefix(state, keys, set(new))
     if not old:
         return None
-    only_old, only_new, routed, unrouted, holes, shapes = (set() for _ in range(6))
+    parts = _differences(new, old)
+    if not parts and _structure(expected) != _structure(state):
+        parts.append(
+            "the state was built for a tree with the same paths but other node types (NamedTuple "
+            "or dataclass fields reordered, a list where there is now a tuple, ...); the updates "
+            f"are {_structure(updates)}. Build the state with tx.init on the "
+            "tree you update"
+        )
+    return "; ".join(parts) or None
+
+
+def _kind(x: Any) -> Any:
+    if x is None:
+        return "hole"
+    if isinstance(x, optax.MaskedNode):
+        return "routed"
+    return getattr(x, "shape", ())
+
+
+def _by_prefix(tree: Any, keys: set, prefixes: set | None = None) -> dict:
+    """``{state prefix: {param path: kind}}`` for the params-shaped subtrees of a state:
+    found by the params' key paths ``keys``, or at the given ``prefixes``."""
+    found: dict = {}
+    for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_placeholder)[0]:
+        p = tuple(p)
+        for i in range(len(p)):
+            if (p[i:] in keys) if prefixes is None else (p[:i] in prefixes):
+                found.setdefault(p[:i], {})[path_str(p[i:])] = _kind(x)
+                break
+    return found
+
+
+def _differences(new: dict, old: dict) -> list[str]:
+    """What differs between the state's params-shaped subtrees and those init builds."""
+    only_old, only_new, routed_, unrouted, holes, shapes = (set() for _ in range(6))
     for prefix, want in new.items():
         have = old.get(prefix, {})
         only_old |= have.keys() - want.keys()
@@ -171,7 +133,7 @@ def _state_mismatch(init: Callable, updates: Any, state: Any) -> str | None:
             if b == "hole":
                 holes.add(p)
             elif b == "routed":
-                routed.add(p)
+                routed_.add(p)
             elif a == "routed":
                 unrouted.add(p)
             elif a != "hole":
@@ -181,7 +143,7 @@ def _state_mismatch(init: Callable, updates: Any, state: Any) -> str | None:
         (only_old, "only in the tree given to init"),
         (only_new, "only in the updates"),
         (unrouted, "routed away (frozen, or another label) at init but not now"),
-        (routed, "routed away (frozen, or another label) now but not at init"),
+        (routed_, "routed away (frozen, or another label) now but not at init"),
     ]:
         if names:
             parts.append(f"paths {what}: {describe_paths(sorted(names))}")
@@ -193,18 +155,11 @@ def _state_mismatch(init: Callable, updates: Any, state: Any) -> str | None:
             "trainable half of jf.split) where the state has one. Build the state from the "
             "tree you update, tx.init(trainable), or pass full updates"
         )
-    if not parts and _structure(expected, is_leaf) != _structure(state, is_leaf):
-        parts.append(
-            "the state was built for a tree with the same paths but other node types (NamedTuple "
-            "or dataclass fields reordered, a list where there is now a tuple, ...); the updates "
-            f"are {_structure(updates, _is_placeholder)}. Build the state with tx.init on the "
-            "tree you update"
-        )
-    return "; ".join(parts) or None
+    return parts
 
 
-def _structure(tree: Any, is_leaf: Callable) -> Any:
-    return jax.tree_util.tree_structure(tree, is_leaf=is_leaf)
+def _structure(tree: Any) -> Any:
+    return jax.tree_util.tree_structure(tree, is_leaf=is_placeholder)
 
 
 def _update_checked(who: str, tx, updates, state, params, extra_args):
@@ -302,11 +257,11 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
     (True, True)
     """
     sel = as_selector(frozen)
-    inner = _as_transform(inner)
+    inner = as_transform(inner)
 
     def init_fn(params):
         flat, masks = sel.masks(params)
-        return _routed(inner, masks, flat).init(params)
+        return routed(inner, masks, flat).init(params)
 
     def update_fn(updates, state, params=None, **extra_args):
         # like=params: a selector that answers differently on the updates (e.g. a dtype
@@ -314,7 +269,7 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
         flat, masks = sel.masks(updates, like=params)
         updates = _zero_elements(updates, masks)
         extra_args = _filled_fns(extra_args, params, masks)
-        tx = _routed(inner, masks, flat)
+        tx = routed(inner, masks, flat)
         updates, state = _update_checked("jf.freeze", tx, updates, state, params, extra_args)
         return _zero_elements(updates, masks), state
 
@@ -366,14 +321,14 @@ def partition(
     if not isinstance(transforms, Mapping) or not transforms:
         raise TypeError("jf.partition takes a non-empty dict {label: transform or None}")
     txs = {
-        k: _zero_updates() if v is None else _as_transform(v, f"transform {k!r}")
+        k: zero_updates() if v is None else as_transform(v, f"transform {k!r}")
         for k, v in transforms.items()
     }
 
     def make(tree):
         # A function, never the label tree itself (optax calls a callable one).
         return optax.partition(
-            txs, _constant(_label_tree(labels, tree, txs)), mask_compatible_extra_args=True
+            txs, constant(_label_tree(labels, tree, txs)), mask_compatible_extra_args=True
         )
 
     def init_fn(params):
@@ -387,7 +342,7 @@ def partition(
 
 
 def _paths_and_holes(tree: Any) -> set[str]:
-    flat = _Flat.of(tree)
+    flat = Flat.of(tree)
     return set(flat.paths) | set(flat.holes)
 
 
@@ -436,9 +391,9 @@ def apply_updates(params: Any, updates: Any, *, frozen: FrozenSpec) -> Any:
             f"paths only in the params: {describe_paths(sorted(want - have)) or 'none'}; "
             f"only in the updates: {describe_paths(sorted(have - want)) or 'none'}."
         ) from None
-    ups = [u for x, u in zip(flat.slots, slots) if not _is_placeholder(x)]
+    ups = [u for x, u in zip(flat.slots, slots, strict=True) if not is_placeholder(x)]
     out = []
-    for (path, p), u, m in zip(flat.entries, ups, masks):
+    for (path, p), u, m in zip(flat.entries, ups, masks, strict=True):
         if m is True:
             out.append(p)
             continue
@@ -452,7 +407,7 @@ def apply_updates(params: Any, updates: Any, *, frozen: FrozenSpec) -> Any:
     return flat.unflatten(out)
 
 
-def _select(mask: np.ndarray, p: Any, new: jax.Array) -> jax.Array:
+def _select(mask: np.ndarray, p: Any, new: Any) -> jax.Array:
     """``jnp.where(mask, p, new)`` bit for bit: XLA's CPU select on bf16 goes
     through f32 and drops NaN payloads, so real floats are selected as uints."""
     p = jnp.asarray(p)

@@ -103,7 +103,7 @@ jax.tree_util.register_pytree_with_keys(
     Module,
     lambda m: ([(jax.tree_util.GetAttrKey(k), v) for k, v in sorted(vars(m).items())],
                tuple(sorted(vars(m)))),
-    lambda names, children: Module(**dict(zip(names, children))),
+    lambda names, children: Module(**dict(zip(names, children, strict=True))),
 )
 
 
@@ -213,15 +213,17 @@ def selections(draw, skeleton: Any) -> Selection:
             return jf.paths(*map(_glob_escape, ps))
         return jf.regex("|".join(re.escape(p) for p in ps))
 
-    element_leaves = [(p, m) for p, m in zip(paths, masks) if isinstance(m, np.ndarray)]
+    element_leaves = [
+        (p, m) for p, m in zip(paths, masks, strict=True) if isinstance(m, np.ndarray)
+    ]
     if draw(st.booleans()):
         # Direct: frozen = whole frozen leaves | frozen elements.
-        parts = [whole([p for p, m in zip(paths, masks) if m is True])]
+        parts = [whole([p for p, m in zip(paths, masks, strict=True) if m is True])]
         parts += [jf.elements(_glob_escape(p), m) for p, m in element_leaves]
         selector = functools.reduce(operator.or_, parts)
     else:
         # Complement: frozen = ~(trainable leaves | trainable elements).
-        parts = [whole([p for p, m in zip(paths, masks) if m is False])]
+        parts = [whole([p for p, m in zip(paths, masks, strict=True) if m is False])]
         parts += [jf.elements(_glob_escape(p), ~m) for p, m in element_leaves]
         selector = ~functools.reduce(operator.or_, parts)
     return Selection(selector, masks)
@@ -240,7 +242,7 @@ def trees_and_selections(draw, max_leaves: int = 5, *, rich: bool = False,
     selection = draw(selections(skeleton))
     leaves, treedef = jax.tree.flatten(skeleton)
     leaves = [Leaf(x.shape, draw(st.sampled_from(frozen_dtypes))) if m is True else x
-              for x, m in zip(leaves, selection.masks)]
+              for x, m in zip(leaves, selection.masks, strict=True)]
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     return materialize(treedef.unflatten(leaves), rng), selection, rng

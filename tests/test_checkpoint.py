@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from strategies import bits
 
 import jfreeze as jf
-from strategies import bits
 
 pytest.importorskip("orbax.checkpoint")
 
@@ -84,11 +84,11 @@ def test_resumed_run_continues_bit_identically(saved):
     directory, _, (p3, s3), (p6, s6) = saved
     params, state = _fresh()
     params, state = jf.restore_trainable(directory, params, state, frozen=FROZEN)
-    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((p3, s3))):
+    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((p3, s3)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(state.inner_states["trainable"].inner_state.count) == 3  # the schedule resumes
     q6, t6 = _train(params, state, range(3, 6))
-    for a, b in zip(jax.tree.leaves((q6, t6)), jax.tree.leaves((p6, s6))):
+    for a, b in zip(jax.tree.leaves((q6, t6)), jax.tree.leaves((p6, s6)), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(_bits(a) if a.dtype == jnp.float32 else a, _bits(b)
                                       if b.dtype == jnp.float32 else b)
@@ -149,7 +149,7 @@ def test_include_frozen_restores_from_shapes(tmp_path):
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     restored, state = jf.restore_trainable(tmp_path / "full", shapes, frozen=FROZEN)
     assert state is None
-    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(_bits(a), _bits(b))
 
 
@@ -267,7 +267,8 @@ def test_equinox_mlp_round_trip_with_a_frozen_layer(tmp_path):
     fresh = eqx.tree_at(lambda m: m.layers[0], fresh, model.layers[0])
     got, got_state = jf.restore_trainable(tmp_path / "c", fresh, tx.init(fresh), frozen=frozen)
     assert jax.tree.structure(got) == jax.tree.structure(model)
-    for a, b in zip(jax.tree.leaves((got, got_state)), jax.tree.leaves((model, state))):
+    pairs = zip(jax.tree.leaves((got, got_state)), jax.tree.leaves((model, state)), strict=True)
+    for a, b in pairs:
         np.testing.assert_array_equal(bits(a), bits(b))
     jf.check_manifest(manifest, got, frozen=frozen, opt_state=got_state)
     moved = eqx.tree_at(lambda m: m.layers[0].weight, fresh, fresh.layers[0].weight + 1)

@@ -8,6 +8,7 @@ and damaged manifests reaching the user as raw ``KeyError``/``TypeError``/
 """
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -103,7 +104,7 @@ def build(skeleton, leaf_fn, *, restoring: bool):
         if not isinstance(node, Record):
             return leaf_fn("/".join(path), node)
         order = node.restore_order if restoring else list(node.children)
-        kids = {f: go(node.children[f], path + [f]) for f in order}
+        kids = {f: go(node.children[f], [*path, f]) for f in order}
         if node.kind == "dict":
             return kids
         return _record_class(node.kind, tuple(order))(**kids)
@@ -222,7 +223,7 @@ def _locations(node, at=()):
     items = node.items() if isinstance(node, dict) else enumerate(node) \
         if isinstance(node, list) else []
     for k, v in items:
-        yield from _locations(v, at + (k,))
+        yield from _locations(v, (*at, k))
 
 
 @st.composite
@@ -272,10 +273,8 @@ def test_check_manifest_on_a_damaged_manifest_is_a_value_error(checkpoint, data)
     except json.JSONDecodeError:
         return  # restore_trainable's business (next test)
     params = _params()
-    try:
+    with contextlib.suppress(ValueError):
         jf.check_manifest(m, params, frozen=FROZEN, opt_state=_state(params))
-    except ValueError:
-        pass
 
 
 @property_settings(20, shrink=False)

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import jfreeze as jf
+import jfreeze._autodiff_hook
 
 FROZEN = jf.paths("emb/**", "body/**")
 
@@ -269,7 +270,7 @@ def test_equinox_filter_grad_leaking_is_flagged_clean_is_ok(api):
             return self.head(jnp.tanh(self.body(jnp.tanh(self.emb(x)))))
 
     model = MLP(*(eqx.nn.Linear(i, o, use_bias=False, key=k)
-                  for (i, o), k in zip([(32, 64), (64, 64), (64, 4)], keys)))
+                  for (i, o), k in zip([(32, 64), (64, 64), (64, 4)], keys, strict=True)))
 
     def loss(model, x, y):
         logits = jax.vmap(model)(x)
@@ -332,7 +333,7 @@ def test_a_differentiation_path_the_hook_does_not_see_is_not_verified():
 
 
 def test_unknown_jax_internals_are_not_verified(monkeypatch):
-    monkeypatch.setattr(jf.checks, "_autodiff_internals", lambda: None)
+    monkeypatch.setattr(jfreeze._autodiff_hook, "autodiff_internals", lambda: None)
     report = _check(clean_step)
     assert report.ok is None and report.unverified
     assert f"this JAX version ({jax.__version__})" in report.message

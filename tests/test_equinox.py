@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from strategies import bits
 
 import jfreeze as jf
-from strategies import bits
 
 eqx = pytest.importorskip("equinox")
 
@@ -67,7 +67,8 @@ def frozen_masks(params, sel):
 
 
 def assert_frozen_bits(before, after, sel):
-    for x, y, m in zip(jax.tree.leaves(before), jax.tree.leaves(after), frozen_masks(before, sel)):
+    masks = frozen_masks(before, sel)
+    for x, y, m in zip(jax.tree.leaves(before), jax.tree.leaves(after), masks, strict=True):
         m = np.broadcast_to(np.asarray(m), np.shape(x))
         np.testing.assert_array_equal(bits(y)[m], bits(x)[m])
 
@@ -107,18 +108,18 @@ def test_training_step_under_filter_jit(model, how):
 
     new = params
     for _ in range(3):
-        new, state, value = step(new, state)
+        new, state, _value = step(new, state)
     assert_frozen_bits(params, new, sel)
     moved = [not np.array_equal(bits(a), bits(b))
-             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new))]
+             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new), strict=True)]
     trainable = [m is not True for m in frozen_masks(params, sel)]
-    assert any(moved) and all(not mv for mv, t in zip(moved, trainable) if not t)
+    assert any(moved) and all(not mv for mv, t in zip(moved, trainable, strict=True) if not t)
     assert isinstance(eqx.combine(new, static), type(m))
 
 
 @pytest.mark.parametrize("model", list(FROZEN))
 def test_split_merge_and_differentiate_only_the_trainable_half(model):
-    make, sel = FROZEN[model]
+    make, _sel = FROZEN[model]
     whole = jf.paths("layers/0/**") if model == "mlp" else jf.paths("attn/**", "norm/bias")
     m = make()
     params, static = eqx.partition(m, eqx.is_array)

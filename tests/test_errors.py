@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import hypothesis.strategies as st
 import optax
 import pytest
 from hypothesis import given
+from strategies import property_settings
 
 import jfreeze as jf
-from strategies import property_settings
 
 
 def make_params():
@@ -199,7 +199,7 @@ def test_where_that_uses_traced_values_under_jit():
         sel = jf.where(lambda path, leaf: t > 0)
         return jf.stop_gradient(params, frozen=sel)
 
-    with pytest.raises(TypeError, match="at path 'backbone/layers/0/bias'.*traced values"):
+    with pytest.raises(TypeError, match=r"at path 'backbone/layers/0/bias'.*traced values"):
         jax.jit(step)(make_params(), 1.0)
 
 
@@ -267,9 +267,9 @@ def test_mask_function_returning_none_names_the_path():
     with pytest.raises(TypeError) as e:
         jf.elements("head/kernel", forgot)(make_params())
     assert "at path 'head/kernel'" in str(e.value) and "got None" in str(e.value)
-    with pytest.raises(TypeError, match="at path 'backbone/layers/0/bias'.*got None"):
+    with pytest.raises(TypeError, match=r"at path 'backbone/layers/0/bias'.*got None"):
         jf.where(lambda path, leaf: None)(make_params())
-    with pytest.raises(TypeError, match="'head/kernel'.*got None"):
+    with pytest.raises(TypeError, match=r"'head/kernel'.*got None"):
         jf.freeze(optax.adam(1e-3), frozen=jf.elements("head/kernel", forgot)).init(make_params())
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 from flax.training import train_state
 
 import jfreeze as jf
-from jfreeze.paths import leaves_with_paths
+from jfreeze._tree import leaves_with_paths
 
 F = jf.flax
 
@@ -30,7 +30,7 @@ def bits_equal(a, b) -> bool:
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     if jax.tree.structure(a) != jax.tree.structure(b):
         return False
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         x, y = np.asarray(x), np.asarray(y)
         if x.dtype != y.dtype or x.shape != y.shape:
             return False
@@ -109,7 +109,8 @@ def test_frozen_class_grads_zero_and_flow_through(jit):
     ref = jax.grad(lambda p: Probe(freeze=False).apply({"params": p}, X))(params)
     for name in ("Dense_0", "Dense_1"):
         assert bits_equal(g[name], ref[name]) or all(
-            np.allclose(a, b, rtol=1e-6) for a, b in zip(jax.tree.leaves(g[name]), jax.tree.leaves(ref[name]))
+            np.allclose(a, b, rtol=1e-6)
+            for a, b in zip(jax.tree.leaves(g[name]), jax.tree.leaves(ref[name]), strict=True)
         )
         assert all(jax.tree.leaves(nonzero(g[name])))
 
@@ -119,8 +120,8 @@ def test_frozen_class_compiled_flops_equal_trainable_only():
     # only the trainable leaves of the plain module (jf.split), well under full.
     x = jnp.ones((32, 64))
     params = Probe(width=64).init(jax.random.key(0), x)["params"]
-    frozen_loss = lambda p: Probe(width=64).apply({"params": p}, x)  # noqa: E731
-    plain_loss = lambda p: Probe(freeze=False, width=64).apply({"params": p}, x)  # noqa: E731
+    frozen_loss = lambda p: Probe(width=64).apply({"params": p}, x)
+    plain_loss = lambda p: Probe(freeze=False, width=64).apply({"params": p}, x)
     t, f = jf.split(params, frozen=jf.paths("MLP_0/**"))
     f_frozen = flops(jax.grad(frozen_loss), params)
     f_split = flops(lambda t, f: jax.grad(lambda t: plain_loss(jf.merge(t, f)))(t), t, f)
@@ -194,7 +195,8 @@ def test_frozen_orphan_field_and_top_level_instances():
     v = h.init(jax.random.key(0), X)
     assert set(v["params"]) == {"Dense_0", "body"}
     g = jax.grad(lambda p: h.apply({"params": p}, X))(v["params"])
-    assert not any(jax.tree.leaves(nonzero(g["body"]))) and all(jax.tree.leaves(nonzero(g["Dense_0"])))
+    assert not any(jax.tree.leaves(nonzero(g["body"])))
+    assert all(jax.tree.leaves(nonzero(g["Dense_0"])))
 
     top = F.frozen(MLP())
     v = top.init(jax.random.key(0), X)
@@ -251,7 +253,8 @@ def test_reuse_without_update_matches_analytic(how, jit):
     G = jax.random.normal(jax.random.key(3), (5, 3))
     params = Reuse(how).init(jax.random.key(0), x)["params"]
     W = params["layer"]["kernel"]
-    assert jax.tree.structure(params) == jax.tree.structure(Reuse("none").init(jax.random.key(0), x)["params"])
+    plain = Reuse("none").init(jax.random.key(0), x)["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(plain)
 
     def loss(p, x):
         return (G * Reuse(how).apply({"params": p}, x)).sum()
@@ -272,7 +275,8 @@ def test_reuse_without_update_matches_analytic(how, jit):
         h = jnp.tanh(x @ p["kernel"])
         return (G * (h @ jf.stop_gradient(p)["kernel"])).sum()
 
-    np.testing.assert_allclose(jax.grad(pure)(params["layer"], x)["kernel"], gp["layer"]["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(pure)(params["layer"], x)["kernel"], gp["layer"]["kernel"],
+                               rtol=1e-6)
 
 
 # --------------------------------------------------------------------------
@@ -296,13 +300,13 @@ def _data():
 
 
 def _plain_step(state, x, y, norm):
-    loss = lambda p: _ce(state.apply_fn({"params": p}, x), y)  # noqa: E731
+    loss = lambda p: _ce(state.apply_fn({"params": p}, x), y)
     grads = jax.grad(loss)(state.params)
     return state.apply_gradients(grads=grads), (optax.global_norm(grads) if norm else 0.0)
 
 
 def _our_step(state, x, y, norm):
-    loss = lambda t: _ce(state.apply_fn({"params": state.merged(t)}, x), y)  # noqa: E731
+    loss = lambda t: _ce(state.apply_fn({"params": state.merged(t)}, x), y)
     grads = jax.grad(loss)(state.params)  # the trainable leaves only
     return state.apply_gradients(grads=grads), (optax.global_norm(grads) if norm else 0.0)
 
@@ -314,7 +318,8 @@ def test_trainstate_plain_with_freeze_and_helper_under_jit():
     frozen = jf.paths("backbone/**")
     tx = optax.adamw(1e-2, weight_decay=0.5)
     # flax's own TrainState just works with tx=jf.freeze(...)
-    plain = train_state.TrainState.create(apply_fn=Net().apply, params=params, tx=jf.freeze(tx, frozen=frozen))
+    plain = train_state.TrainState.create(apply_fn=Net().apply, params=params,
+                                          tx=jf.freeze(tx, frozen=frozen))
     # the helper holds the frozen leaves beside the optimizer
     ours = F.TrainState.create(apply_fn=Net().apply, params=params, tx=tx, frozen=frozen)
     assert ours.params["backbone"] == {"bias": None, "kernel": None}
@@ -336,9 +341,10 @@ def test_trainstate_plain_with_freeze_and_helper_under_jit():
     assert bits_equal(ps.params["backbone"], before["backbone"])
     assert bits_equal(os_.merged()["backbone"], before["backbone"])
     jf.assert_frozen(before, ps.params, frozen=frozen)
-    assert all(bool((np.asarray(a) != b).any()) for a, b in zip(jax.tree.leaves(ps.params["head"]),
-                                                                  jax.tree.leaves(before["head"])))
-    np.testing.assert_allclose(os_.params["head"]["kernel"], ps.params["head"]["kernel"], rtol=1e-6, atol=1e-7)
+    pairs = zip(jax.tree.leaves(ps.params["head"]), jax.tree.leaves(before["head"]), strict=True)
+    assert all(bool((np.asarray(a) != b).any()) for a, b in pairs)
+    np.testing.assert_allclose(os_.params["head"]["kernel"], ps.params["head"]["kernel"],
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_trainstate_helper_compiled_cost():
@@ -348,11 +354,13 @@ def test_trainstate_helper_compiled_cost():
     x, y = jnp.ones((64, 256)), jnp.arange(64) % 3
     params = Net().init(jax.random.key(0), x)["params"]
     tx = optax.adam(1e-3)
-    plain = train_state.TrainState.create(apply_fn=Net().apply, params=params, tx=jf.freeze(tx, frozen=frozen))
+    plain = train_state.TrainState.create(apply_fn=Net().apply, params=params,
+                                          tx=jf.freeze(tx, frozen=frozen))
     ours = F.TrainState.create(apply_fn=Net().apply, params=params, tx=tx, frozen=frozen)
     f_plain = flops(functools.partial(_plain_step, norm=False), plain, x, y)
     f_plain_norm = flops(functools.partial(_plain_step, norm=True), plain, x, y)
-    compiled = jax.jit(functools.partial(_our_step, norm=True), donate_argnums=0).lower(ours, x, y).compile()
+    step = jax.jit(functools.partial(_our_step, norm=True), donate_argnums=0)
+    compiled = step.lower(ours, x, y).compile()
     ca = compiled.cost_analysis()
     f_ours_norm = float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
     assert f_ours_norm <= f_plain * 1.01
@@ -407,10 +415,11 @@ def test_frozen_backbone_batch_stats_fixed_while_head_trains():
         state, bs = step(state, bs, x * (1 + i), y)
     assert bits_equal(bs["backbone"], before["batch_stats"]["backbone"])
     assert bits_equal(state.params["backbone"], before["params"]["backbone"])
-    assert all(bool((np.asarray(a) != b).any()) for a, b in
-               zip(jax.tree.leaves(bs["head_bn"]), jax.tree.leaves(before["batch_stats"]["head_bn"])))
+    pairs = zip(jax.tree.leaves(bs["head_bn"]), jax.tree.leaves(before["batch_stats"]["head_bn"]),
+                strict=True)
+    assert all(bool((np.asarray(a) != b).any()) for a, b in pairs)
     # a frozen BatchNorm run in training mode would update its statistics: an error, not drift
-    with pytest.raises(Exception, match="batch_stats.*immutable"):
+    with pytest.raises(Exception, match=r"batch_stats.*immutable"):
         BNModel(backbone_train=True).apply(v, x, train=True, mutable=["batch_stats"])
 
 
@@ -442,7 +451,8 @@ def test_nnx_filter_paths_spelled_like_jfreeze():
     pure_paths = [p for p, _ in leaves_with_paths(nnx.to_pure_dict(nnx.state(model)))[0]]
     assert sorted(seen) == sorted(pure_paths)
     assert "backbone/0/kernel" in seen
-    assert repr(F.nnx_filter(jf.paths("backbone/**"), model=model)) == "nnx_filter(paths('backbone/**'))"
+    filt = F.nnx_filter(jf.paths("backbone/**"), model=model)
+    assert repr(filt) == "nnx_filter(paths('backbone/**'))"
 
 
 def test_nnx_optimizer_and_diffstate_train_only_selected():
@@ -460,7 +470,7 @@ def test_nnx_optimizer_and_diffstate_train_only_selected():
 
     @nnx.jit
     def step(model, opt, x, y):
-        loss = lambda m: ((m(x) - y) ** 2).mean()  # noqa: E731
+        loss = lambda m: ((m(x) - y) ** 2).mean()
         grads = nnx.grad(loss, argnums=nnx.DiffState(0, trainable))(model)
         opt.update(model, grads)
         return grads
@@ -471,7 +481,8 @@ def test_nnx_optimizer_and_diffstate_train_only_selected():
     assert set(nnx.to_pure_dict(grads)) == {"head"}
     after = _pure(model)
     assert bits_equal(after["backbone"], before["backbone"])  # params and batch stats, bitwise
-    assert all(bool((a != b).any()) for a, b in zip(jax.tree.leaves(after["head"]), jax.tree.leaves(before["head"])))
+    pairs = zip(jax.tree.leaves(after["head"]), jax.tree.leaves(before["head"]), strict=True)
+    assert all(bool((a != b).any()) for a, b in pairs)
 
 
 def test_nnx_custom_variable_type_freezes():
@@ -499,8 +510,9 @@ def test_nnx_custom_variable_type_freezes():
     assert bits_equal(after["backbone"][0], before["backbone"][0])
     assert not bits_equal(after["head"], before["head"])
     # the same freeze expressed as a selector gives the same set of trainable params
+    frozen = F.nnx_filter(jf.paths("backbone/0/**"), model=model)
     assert nnx.to_flat_state(nnx.state(model, nnx.Param)).paths == nnx.to_flat_state(nnx.state(
-        model, nnx.All(nnx.Param, nnx.Not(F.nnx_filter(jf.paths("backbone/0/**"), model=model))))).paths
+        model, nnx.All(nnx.Param, nnx.Not(frozen)))).paths
 
 
 def test_nnx_filter_errors():
@@ -531,7 +543,7 @@ def test_nnx_filter_tree_only_selector_fails_at_construction():
     # A mask tree inside a combination has no per-variable answer: refused when built,
     # not at the first nnx.state / nnx.Optimizer call.
     model = NNXNet(nnx.Rngs(0))
-    with pytest.raises(TypeError, match="one at a time|whole tree"):
+    with pytest.raises(TypeError, match=r"one at a time|whole tree"):
         F.nnx_filter(jf.paths("head/**") | {"head": True, "backbone": False}, model=model)
 
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from strategies import MODES, bits
 
 import jfreeze as jf
-from strategies import MODES, bits
 
 
 def make_params():
@@ -43,7 +43,7 @@ def test_stop_gradient_keeps_values_bit_for_bit(mode):
     params = make_params()
     sel = jf.paths("backbone/bias") | jf.elements("backbone/kernel", np.s_[:, 0])
     out = mode(lambda p: jf.stop_gradient(p, frozen=sel))(params)
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(bits(a), bits(b))
 
 
@@ -117,7 +117,7 @@ def test_split_merge_roundtrip_keeps_bits(mode):
     assert frozen["backbone"]["bias"] is params["backbone"]["bias"]
     merged = mode(lambda t, f: jf.merge(t, f))(trainable, frozen)
     assert jax.tree.structure(merged) == jax.tree.structure(params)
-    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(bits(a), bits(b))
 
 

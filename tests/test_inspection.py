@@ -122,7 +122,7 @@ def test_assert_frozen_compares_bits_of_every_dtype(dtype, was, now, values_equa
     with pytest.raises(AssertionError) as e:
         jf.assert_frozen(before, after, frozen=jf.paths("x"))
     digits = width // 4
-    assert (f"'x' (1 of 3 frozen elements; first at [1]: " in str(e.value)
+    assert ("'x' (1 of 3 frozen elements; first at [1]: " in str(e.value)
             and f"(0x{was:0{digits}x}) -> " in str(e.value)
             and str(e.value).endswith(f"(0x{now:0{digits}x}))")), str(e.value)
     if values_equal:
@@ -227,7 +227,7 @@ def test_assert_frozen_property_single_bit_flips(case, data):
     leaves, treedef = jax.tree.flatten(skeleton_params)
     paths = leaf_paths(skeleton_params)
     dtypes = [data.draw(st.sampled_from(DTYPES)) for _ in leaves]
-    before = [_random_bits(rng, x.shape, d) for x, d in zip(leaves, dtypes)]
+    before = [_random_bits(rng, x.shape, d) for x, d in zip(leaves, dtypes, strict=True)]
     after = [x.copy() for x in before]
     for i, x in enumerate(after):  # any change to every trainable element
         free = ~selection.frozen_elements(i, x.shape)
@@ -245,7 +245,7 @@ def test_assert_frozen_property_single_bit_flips(case, data):
     part = data.draw(st.integers(0, parts.shape[-1] - 1))
     width = 1 if dtypes[i] is np.bool_ else 8 * parts.dtype.itemsize
     bit = data.draw(st.integers(0, width - 1))
-    parts[idx + (part,)] ^= parts.dtype.type(1 << bit)
+    parts[(*idx, part)] ^= parts.dtype.type(1 << bit)
     with pytest.raises(AssertionError) as e:
         jf.assert_frozen(tree(before), tree(after), frozen=selection.selector)
     where = f"first at {list(idx)}: " if idx else ""

@@ -19,7 +19,7 @@ def test_stack_unstack_round_trip():
     assert zoo["bias"].shape == (4,)
     back = jf.unstack(zoo)
     assert len(back) == 4
-    for a, b in zip(models, back):
+    for a, b in zip(models, back, strict=True):
         jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
 
 
@@ -36,11 +36,11 @@ def test_stack_keeps_bits():
 
 
 def test_stack_errors_name_the_path():
-    with pytest.raises(ValueError, match="tree 1 .*'layers/0/kernel'"):
+    with pytest.raises(ValueError, match=r"tree 1 .*'layers/0/kernel'"):
         jf.stack([_model(0), {**_model(1), "layers": [{"kernel": np.zeros((3, 3), np.float32)}]}])
-    with pytest.raises(ValueError, match="int32.*'bias'"):
+    with pytest.raises(ValueError, match=r"int32.*'bias'"):
         jf.stack([_model(0), {**_model(1), "bias": np.int32(1)}])
-    with pytest.raises(ValueError, match="structure.*'extra'"):
+    with pytest.raises(ValueError, match=r"structure.*'extra'"):
         jf.stack([_model(0), {**_model(1), "extra": np.zeros(1)}])
     with pytest.raises(ValueError, match="at least one"):
         jf.stack([])
@@ -94,7 +94,7 @@ def test_stack_and_unstack_keep_dtype_and_bits(make):
     zoo = jf.stack(models)
     for leaf in jax.tree.leaves(zoo):
         assert leaf.dtype == np.asarray(make(0)).dtype and leaf.shape[0] == 3
-    for model, back in zip(models, jf.unstack(zoo)):
-        for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(back)):
+    for model, back in zip(models, jf.unstack(zoo), strict=True):
+        for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(back), strict=True):
             assert np.asarray(b).dtype == np.asarray(a).dtype
             np.testing.assert_array_equal(_uint(b), _uint(a))

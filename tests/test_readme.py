@@ -29,6 +29,7 @@ def test_flax_snippet_runs():
 
     import jfreeze as jf
 
-    paths = [jf.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(scope["optimizer"].opt_state)[0]]
+    flat = jax.tree_util.tree_flatten_with_path(scope["optimizer"].opt_state)[0]
+    paths = [jf.path_str(p) for p, _ in flat]
     assert any("head" in p for p in paths)
     assert not any("backbone" in p for p in paths)  # optimizer state for the head only

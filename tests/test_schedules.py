@@ -71,7 +71,7 @@ INNERS = {"adam": lambda: optax.adam(0.1), "momentum": lambda: optax.sgd(0.1, mo
 N = THAW_AT + 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_run(inner: str, per_stage: bool):
     return _run(_tx(INNERS[inner](), per_stage=per_stage), N)
 
@@ -80,7 +80,7 @@ def test_bits_kept_before_thaw_training_after_one_compilation():
     p0 = _params()
     history, traces = _cached_run("adam", False)
     assert traces == 1
-    for t, (p, state) in enumerate(history):
+    for t, (p, _state) in enumerate(history):
         # emb is thawed by no stage: frozen for good, bit for bit.
         np.testing.assert_array_equal(_bits(p["emb"]), _bits(p0["emb"]))
         assert not np.array_equal(p["head"]["w"], p0["head"]["w"])
@@ -103,8 +103,8 @@ def test_eagerly_too_and_bitwise_equal_to_a_fresh_start():
     np.testing.assert_array_equal(_bits(p1["body"]["b"]), _bits(p0["body"]["b"]))  # bits too
     jf.assert_frozen(p0, p2, frozen=EMB)
     assert not np.array_equal(p2["body"]["w"], p0["body"]["w"])
-    for (p, _), q in zip(history, _reference("momentum", thaw_at=1, n=2, jit=False)):
-        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+    for (p, _), q in zip(history, _reference("momentum", thaw_at=1, n=2, jit=False), strict=True):
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True):
             np.testing.assert_array_equal(_bits(a), _bits(b))
 
 
@@ -123,7 +123,7 @@ def test_moments_stay_at_initial_values_until_thaw_and_frozen_leaves_have_no_sta
     assert state_bytes == 2 * trainable_bytes + 4 + 4  # mu, nu, adam's count, our count
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(inner: str, thaw_at: int = THAW_AT, n: int = N, jit: bool = True):
     """head's optimizer from step 0, body's *fresh* optimizer from step thaw_at."""
     opt = INNERS[inner]()
@@ -151,8 +151,8 @@ def _reference(inner: str, thaw_at: int = THAW_AT, n: int = N, jit: bool = True)
 
 def _assert_same_run(got, want):
     # Different compiled programs (one step vs. separate pieces) may round differently.
-    for (p, _), q in zip(got, want):
-        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+    for (p, _), q in zip(got, want, strict=True):
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -221,9 +221,9 @@ def test_readme_pattern_a_later_stage_that_overlaps_does_not_delay_the_earlier_o
                                     per_stage=per_stage)
     p0 = _params()
     history, _ = _run(tx, 3)
-    for t, ((p, _), (q, _)) in enumerate(zip(history, _run(reference, 3)[0])):
+    for t, ((p, _), (q, _)) in enumerate(zip(history, _run(reference, 3)[0], strict=True)):
         assert not np.array_equal(p["head"]["w"], p0["head"]["w"]), t  # trains from step 0
-        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q), strict=True):
             np.testing.assert_array_equal(_bits(a), _bits(b))
         for now, then in ((p["emb"], p0["emb"]), (p["body"]["w"], p0["body"]["w"])):
             assert np.array_equal(_bits(now), _bits(then)) == (t < 2), t  # thaw at step 2
@@ -278,7 +278,7 @@ def _trees_and_thaws(draw):
         if draw(st.integers(0, 5)) == 0:
             parts, chosen = [jf.everything], [np.ones(leaf.shape, bool) for leaf in leaves]
         else:
-            for path, leaf in zip(paths, leaves):
+            for path, leaf in zip(paths, leaves, strict=True):
                 size = int(np.prod(leaf.shape, dtype=int))
                 kind = draw(st.sampled_from(["none", "whole"] + (["elements"] if size > 1 else [])))
                 m = np.full(leaf.shape, kind == "whole")
@@ -293,7 +293,7 @@ def _trees_and_thaws(draw):
         if not parts:
             continue
         thaw[k] = functools.reduce(lambda a, b: a | b, parts)
-        for s, m in zip(steps, chosen):
+        for s, m in zip(steps, chosen, strict=True):
             s[m & ((s < 0) | (s > k))] = k  # the first step that selects an element wins
     assume(thaw)
     params = materialize(skeleton, np.random.default_rng(draw(st.integers(0, 2**16))))
@@ -318,7 +318,7 @@ def test_thaw_law_property(case):
             _, grads = grad_fn(state.count, p)
         updates, state = tx.update(grads, state, p)
         p = optax.apply_updates(p, updates)
-        for x0, x, s in zip(jax.tree.leaves(params), jax.tree.leaves(p), steps):
+        for x0, x, s in zip(jax.tree.leaves(params), jax.tree.leaves(p), steps, strict=True):
             x0, x = np.asarray(x0), np.asarray(x)
             still = (s < 0) | (k <= s)
             np.testing.assert_array_equal(bits(x)[still], bits(x0)[still])
@@ -343,7 +343,7 @@ def test_thawed_value_and_grad_differentiates_only_what_has_thawed(jit):
         np.testing.assert_allclose(v, value, rtol=1e-6)
         thawed = {"head": True, "body": count >= THAW_AT, "emb": False}
         for name, on in thawed.items():
-            for a, b in zip(jax.tree.leaves(grads[name]), jax.tree.leaves(full[name])):
+            for a, b in zip(jax.tree.leaves(grads[name]), jax.tree.leaves(full[name]), strict=True):
                 if on:
                     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
                 else:
@@ -366,7 +366,7 @@ def test_thawed_grads_train_like_plain_grads_in_one_compilation():
     for i, (reference, _) in enumerate(_cached_run("adam", False)[0]):
         params, state = step(params, state, *_batch(i))
         np.testing.assert_array_equal(_bits(params["emb"]), _bits(_params()["emb"]))
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert traces == [1]
 
@@ -381,12 +381,14 @@ def test_thawed_value_and_grad_skips_the_gradients_of_layers_not_yet_thawed():
 
     def grad_of(names):
         def fn(p, x, y):
-            return jax.value_and_grad(lambda sub: _loss({**p, **sub}, x, y))({n: p[n] for n in names})
+            sub_loss = lambda sub: _loss({**p, **sub}, x, y)
+            return jax.value_and_grad(sub_loss)({n: p[n] for n in names})
         return fn
 
     assert flops(lambda p, x, y: g(0, p, x, y)) == flops(grad_of(["head"]))
     assert flops(lambda p, x, y: g(THAW_AT, p, x, y)) == flops(grad_of(["head", "body"]))
-    assert flops(grad_of(["head"])) < flops(grad_of(["head", "body"])) < flops(jax.value_and_grad(_loss))
+    full = flops(jax.value_and_grad(_loss))
+    assert flops(grad_of(["head"])) < flops(grad_of(["head", "body"])) < full
 
 
 def test_thawed_value_and_grad_element_wise_and_aux():
@@ -398,7 +400,7 @@ def test_thawed_value_and_grad_element_wise_and_aux():
     g = jf.thawed_value_and_grad(loss, thaw, has_aux=True)
     p, (x, y) = _params(), _batch(0)
     full = jax.grad(_loss)(p, x, y)
-    (v0, aux), g0 = g(1, p, x, y, reduce=jnp.sum)
+    (_v0, aux), g0 = g(1, p, x, y, reduce=jnp.sum)
     assert not any(np.asarray(a).any() for a in jax.tree.leaves(g0))  # nothing thawed yet
     np.testing.assert_allclose(aux, x.sum())
     _, g2 = g(2, p, x, y, reduce=jnp.sum)
@@ -407,7 +409,7 @@ def test_thawed_value_and_grad_element_wise_and_aux():
 
 
 def test_thawed_value_and_grad_errors():
-    with pytest.raises(ValueError, match="jf.thawed_value_and_grad: thaw= is empty"):
+    with pytest.raises(ValueError, match=r"jf.thawed_value_and_grad: thaw= is empty"):
         jf.thawed_value_and_grad(_loss, {})
     with pytest.raises(TypeError, match="Python ints"):
         jf.thawed_value_and_grad(_loss, {"3": HEAD})

@@ -9,10 +9,9 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import given
-
-import jfreeze as jf
 from strategies import MODES, property_settings
 
+import jfreeze as jf
 
 PARAMS = {
     "a": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
@@ -159,7 +158,7 @@ def test_same_answer_on_arrays_tracers_and_shape_dtype_structs(mode):
     mode(f)(PARAMS)
     for got in (seen["mask"], sel(structs)):
         assert jax.tree.structure(got) == jax.tree.structure(expected)
-        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
             assert type(x) is type(y)
             np.testing.assert_array_equal(x, y)
 
@@ -249,7 +248,7 @@ def test_equal_mask_trees_compare_equal():
     assert a != jf.as_selector({**spec(), "a": False})
     assert a != jf.as_selector({**spec(), "bias": np.array([False])})
     assert jf.as_selector({"x": True}) != jf.as_selector({"x": 1})  # True is not 1
-    fn = lambda p: True  # noqa: E731 - functions compare by identity
+    fn = lambda p: True
     assert jf.as_selector(fn) == jf.as_selector(fn) != jf.as_selector(lambda p: True)
 
 
@@ -265,12 +264,12 @@ def test_mask_functions_using_jnp_work_under_jit(mode):
         expected = sel(PARAMS)
         seen = {}
 
-        def f(p):
+        def f(p, sel=sel, seen=seen):
             seen["mask"] = sel(p)
             return p
 
         mode(f)(PARAMS)
-        for x, y in zip(jax.tree.leaves(seen["mask"]), jax.tree.leaves(expected)):
+        for x, y in zip(jax.tree.leaves(seen["mask"]), jax.tree.leaves(expected), strict=True):
             assert type(x) is type(y)
             np.testing.assert_array_equal(x, y)
 
@@ -315,7 +314,7 @@ def test_masks_like_names_a_path_answered_differently():
         sel.masks(grads, like=PARAMS)
     msg = str(e.value)
     assert "'a/bias'" in msg and "float32[3]" in msg and "bfloat16[3]" in msg
-    flat, masks = jf.paths("a/**").masks(grads, like=PARAMS)  # same answers: fine
+    _flat, masks = jf.paths("a/**").masks(grads, like=PARAMS)  # same answers: fine
     assert masks == [m for m in jf.paths("a/**").masks(PARAMS)[1]]
 
 
@@ -376,7 +375,7 @@ def test_equal_selectors_hash_equal(recipe, jax_a, jax_b):
         ma = a(PARAMS)
     except (ValueError, TypeError):
         return  # e.g. an index that does not fit a leaf: both raise alike
-    for x, y in zip(jax.tree.leaves(ma), jax.tree.leaves(b(PARAMS))):
+    for x, y in zip(jax.tree.leaves(ma), jax.tree.leaves(b(PARAMS)), strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -397,7 +396,7 @@ def test_index_expressions_select_what_numpy_indexes(index):
     try:
         leaf[_np_index(index)] = True
     except IndexError:
-        with pytest.raises(ValueError, match="at path 'w'.*does not fit"):
+        with pytest.raises(ValueError, match=r"at path 'w'.*does not fit"):
             jf.elements("w", index)({"w": jnp.ones((3, 3))})
         return
     got = jf.elements("w", index)({"w": jnp.ones((3, 3))})["w"]

@@ -74,7 +74,8 @@ SCRIPT = textwrap.dedent(
 
     # output shardings equivalent to input shardings: params and optimizer state
     def same_shardings(a, b, what):
-        for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+        for (path, x), y in zip(flat_a, jax.tree.leaves(b), strict=True):
             assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (
                 what, jf.path_str(path), x.sharding, y.sharding)
     same_shardings(new, params, "params")

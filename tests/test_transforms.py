@@ -10,8 +10,6 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import given
-
-import jfreeze as jf
 from strategies import (
     FLOAT_DTYPES,
     MODES,
@@ -21,6 +19,8 @@ from strategies import (
     special_values,
     trees_and_selections,
 )
+
+import jfreeze as jf
 
 STEPS = 3
 
@@ -134,9 +134,9 @@ def run_reference(inner, params, grads_seq, masks, mode=_identity):
     before ``inner`` and in the update after it."""
 
     def zero(tree):
-        return [x if m is False else jnp.where(m, 0.0, x) for x, m in zip(tree, masks)]
+        return [x if m is False else jnp.where(m, 0.0, x) for x, m in zip(tree, masks, strict=True)]
 
-    grads_seq = [[x if m is False else np.where(m, 0.0, x) for x, m in zip(g, masks)]
+    grads_seq = [[x if m is False else np.where(m, 0.0, x) for x, m in zip(g, masks, strict=True)]
                  for g in grads_seq]
     return run(inner, params, grads_seq, mode, post=zero)[0]
 
@@ -155,8 +155,8 @@ def check_freeze_law(mode, make_inner, params, selection, grads_seq):
 
     new_leaves = jax.tree.leaves(new)
     assert jax.tree.structure(new) == jax.tree.structure(params)
-    ref_by_leaf = dict(zip(keep, ref_new))
-    for i, (before, after) in enumerate(zip(p0, new_leaves)):
+    ref_by_leaf = dict(zip(keep, ref_new, strict=True))
+    for i, (before, after) in enumerate(zip(p0, new_leaves, strict=True)):
         fz = selection.frozen_elements(i, before.shape)
         # (a) frozen leaves and elements: bit-identical.
         np.testing.assert_array_equal(bits(after)[fz], bits(before)[fz], err_msg=f"leaf {i} frozen")
@@ -213,7 +213,7 @@ def test_freeze_law_property(name, mode, request):
 
 
 def _bits_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(bits(x), bits(y))
 
 
@@ -320,7 +320,7 @@ def test_scalar_bool_frozen(everything_frozen, mode):
     tx = jf.freeze(optax.adam(0.1), frozen=everything_frozen)
     new, _, state = mode(lambda p: run(tx, p, [jax.tree.map(jnp.ones_like, p)] * 2))(params)
     moved = [not np.array_equal(bits(x), bits(y))
-             for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(params))]
+             for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(params), strict=True)]
     assert moved == [not everything_frozen] * 2
     assert (sum(np.size(x) for x in jax.tree.leaves(state)) == 1 + 2 * 3 * (not everything_frozen))
 
@@ -341,13 +341,14 @@ def test_selective_transform_migrates_to_freeze(mask, mode):
         params, grads)
     new, _, _ = mode(lambda p, g: run(jf.freeze(inner(), frozen=mask), p, g))(params, grads)
     # same values everywhere ...
-    for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(old)):
+    for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(old), strict=True):
         np.testing.assert_array_equal(x, y)
     # ... and frozen leaves keep their bits (selective_transform's +0.0 update
     # turns -0.0 into +0.0 eagerly; jfreeze's -0.0 update does not)
     jf.assert_frozen(params, new, frozen=mask)
     frozen_mask = jf.as_selector(mask)(params)
-    for x, y, m in zip(jax.tree.leaves(new), jax.tree.leaves(params), jax.tree.leaves(frozen_mask)):
+    leaves = jax.tree.leaves(new), jax.tree.leaves(params), jax.tree.leaves(frozen_mask)
+    for x, y, m in zip(*leaves, strict=True):
         if m:
             np.testing.assert_array_equal(bits(x), bits(y))
 
@@ -399,7 +400,7 @@ def test_optax_apply_updates_keeps_and_flushes_what_the_freeze_docstring_says(dt
     updates, _ = tx.update({"a": jnp.ones(x.shape, x.dtype)}, tx.init({"a": x}))
     got = np.asarray(optax.apply_updates({"a": x}, updates)["a"])
     parts = (lambda v: [v.real, v.imag]) if dtype == "complex64" else (lambda v: [v])
-    for before, after in zip(parts(x), parts(got)):
+    for before, after in zip(parts(x), parts(got), strict=True):
         kind = "float32" if dtype == "complex64" else dtype
         b0, b1 = bits(before).astype(np.uint64), bits(after).astype(np.uint64)
         width = 8 * before.dtype.itemsize
@@ -478,8 +479,8 @@ RTOL = {"float32": 1e-5, "complex64": 1e-5, "float16": 4e-3, "bfloat16": 3e-2}
 def test_element_wise_frozen_bits_every_dtype_property(name, mode, request):
     """Element-wise frozen entries of f32/bf16/f16/complex64 leaves keep every bit."""
     make_inner = ELEMENT_DTYPE_OPTIMIZERS[name]
-    from strategies import Leaf, materialize, selections, skeletons
     import hypothesis.strategies as st
+    from strategies import materialize, selections, skeletons
 
     @st.composite
     def cases(draw):
@@ -500,15 +501,16 @@ def test_element_wise_frozen_bits_every_dtype_property(name, mode, request):
         masks = [selection.masks[i] for i in keep]
         ref = run_reference(make_inner(), [p0[i] for i in keep],
                             [[jax.tree.leaves(g)[i] for i in keep] for g in grads_seq], masks, mode)
-        ref = dict(zip(keep, ref))
-        for i, (before, after) in enumerate(zip(p0, jax.tree.leaves(new))):
+        ref = dict(zip(keep, ref, strict=True))
+        for i, (before, after) in enumerate(zip(p0, jax.tree.leaves(new), strict=True)):
             fz = selection.frozen_elements(i, before.shape)
             np.testing.assert_array_equal(bits(after)[fz], bits(before)[fz], err_msg=f"leaf {i}")
             if i in ref:
                 got, want = np.asarray(after)[~fz], np.asarray(ref[i])[~fz]
                 if mode is jax.jit:
-                    np.testing.assert_allclose(got.astype(np.complex128), want.astype(np.complex128),
-                                               rtol=RTOL[before.dtype.name], atol=1e-6)
+                    np.testing.assert_allclose(
+                        got.astype(np.complex128), want.astype(np.complex128),
+                        rtol=RTOL[before.dtype.name], atol=1e-6)
                 else:
                     np.testing.assert_array_equal(bits(got), bits(want), err_msg=f"leaf {i}")
 
@@ -664,7 +666,7 @@ def test_a_selector_that_selects_other_leaves_at_update_names_them():
     grads = {"a": jnp.ones(2, jnp.bfloat16), "b": jnp.ones(2, jnp.bfloat16)}
     with pytest.raises(ValueError, match="at init but not now: 'a'"):  # no params: the state tells
         tx.update(grads, state)
-    with pytest.raises(ValueError, match="'a'.*float32.*bfloat16|'a'.*bfloat16.*float32"):
+    with pytest.raises(ValueError, match=r"'a'.*float32.*bfloat16|'a'.*bfloat16.*float32"):
         tx.update(grads, state, params)  # with params: the selector's two answers are named
 
 

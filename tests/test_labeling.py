@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from strategies import MODES, bits
 
 import jfreeze as jf
-from strategies import MODES, bits
 
 
 def make_params():

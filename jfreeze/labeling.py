@@ -1,4 +1,7 @@
-"""Label functions: ``params -> label tree``, ready for ``optax.partition``."""
+"""Label functions: ``params -> label tree``, ready for ``optax.partition``.
+
+(The module is ``jfreeze.labeling``; its function is ``jf.labels``.)
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,10 @@ import dataclasses
 from collections.abc import Hashable, Mapping
 from typing import Any
 
-from jfreeze.paths import broadcast_prefix, describe_paths
-from jfreeze.selectors import FrozenSpec, Selector, _Flat, _is_placeholder, as_selector
+from jfreeze._tree import Flat, describe_paths
+from jfreeze.selectors import FrozenSpec, Selector, as_selector
 
-__all__ = ["labels", "Labels", "resolve_labels"]
+__all__ = ["Labels", "labels"]
 
 _NO_DEFAULT = object()
 
@@ -22,10 +25,10 @@ class Labels:
     default: Any = _NO_DEFAULT
 
     def __call__(self, tree: Any) -> Any:
-        flat = _Flat.of(tree)
+        flat = Flat.of(tree)
         chosen: list[Any] = [_NO_DEFAULT] * len(flat.entries)
         for label, sel in self.rules:
-            for i, ((path, _), m) in enumerate(zip(flat.entries, sel.evaluate(flat))):
+            for i, (path, m) in enumerate(zip(flat.paths, sel.evaluate(flat), strict=True)):
                 if not isinstance(m, bool):
                     raise ValueError(
                         f"jf.labels: rule {label!r} ({sel!r}) selects only some elements "
@@ -35,7 +38,7 @@ class Labels:
                     )
                 if m and chosen[i] is _NO_DEFAULT:
                     chosen[i] = label
-        missing = [p for (p, _), c in zip(flat.entries, chosen) if c is _NO_DEFAULT]
+        missing = [p for p, c in zip(flat.paths, chosen, strict=True) if c is _NO_DEFAULT]
         if missing and self.default is _NO_DEFAULT:
             raise ValueError(
                 f"jf.labels: no rule matches the leaves at {describe_paths(missing)} and "
@@ -82,34 +85,3 @@ def labels(rules: Mapping[Hashable, FrozenSpec], *, default: Hashable = _NO_DEFA
         if label is None:
             raise TypeError("jf.labels: None is not a label (JAX reads None as an empty subtree)")
     return Labels(tuple((k, as_selector(v)) for k, v in rules.items()), default)
-
-
-def resolve_labels(
-    labels: Any, tree: Any, known: Mapping, *, who: str, noun: str, hint: str = ""
-) -> tuple[Any, dict]:
-    """The full label tree for ``tree``, and which paths carry each label.
-
-    ``labels`` is a label tree (or a prefix of ``tree``) or a function of the
-    tree. A label not in ``known`` is a ``ValueError`` naming the label and the
-    paths carrying it; it is checked first, as the likely typo.
-
-    >>> resolve_labels({"a": "x", "b": "y"}, {"a": 1.0, "b": [2.0, 3.0]}, {"x": 0, "y": 0},
-    ...                who="demo", noun="entry")
-    ({'a': 'x', 'b': ['y', 'y']}, {'x': ['a'], 'y': ['b/0', 'b/1']})
-    """
-    spec = labels(tree) if callable(labels) else labels
-    flat = _Flat.of(tree)
-    values = broadcast_prefix(spec, tree, what="label tree", is_hole=_is_placeholder)
-    carriers: dict[Any, list[str]] = {}
-    for (path, _), label in zip(flat.entries, values):
-        try:
-            carriers.setdefault(label, []).append(path)
-        except TypeError:
-            raise TypeError(f"the label at path {path!r} is not hashable: {label!r}") from None
-    for label, where_ in carriers.items():
-        if label not in known:
-            raise ValueError(
-                f"{who}: label {label!r} has no {noun}; it is carried by "
-                f"{describe_paths(where_)}. Known labels: {', '.join(map(repr, known))}.{hint}"
-            )
-    return flat.unflatten(values), carriers
