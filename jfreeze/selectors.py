@@ -486,8 +486,12 @@ class _Combined(Selector):
     @classmethod
     def of(cls, op: str, *parts: Selector) -> _Combined:
         # n-ary: (a | b) | c is one union of three (each strict pattern still checked alone)
-        flat = [q for p in parts for q in (p.parts if isinstance(p, _Combined) and p.op == op
-                                            and op != "~" else (p,))]
+        flat: list[Selector] = []
+        for p in parts:
+            if op != "~" and isinstance(p, _Combined) and p.op == op:
+                flat.extend(p.parts)
+            else:
+                flat.append(p)
         return cls(op, tuple(flat))
 
     @property
