@@ -16,6 +16,7 @@ NAMES = [
     "reuse_without_update.py",       # situation 5
     "finetune_trainstate.py",        # linen + TrainState transfer learning
     "finetune_nnx.py",               # the NNX variant
+    "finetune_equinox.py",           # the Equinox variant, frozen by path (layers/0/*)
 ]
 
 
