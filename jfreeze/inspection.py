@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import html
 from typing import Any
 
 import jax
@@ -13,6 +15,9 @@ from jfreeze._tree import Flat, Mask, broadcast_prefix, describe_paths, is_array
 from jfreeze.selectors import FrozenSpec, as_selector, nothing
 
 __all__ = ["Row", "Summary", "assert_frozen", "summary"]
+
+#: The most module rows the default ``depth=None`` layout expands to.
+MAX_ROWS = 40
 
 
 def _nbytes(x: Any) -> int:
@@ -33,18 +38,39 @@ def _size(x: Any) -> int:
 
 @dataclasses.dataclass
 class Row:
-    """One line of a :class:`Summary`: a top-level module or a label."""
+    """One line of a :class:`Summary`: a subtree (``kind="module"``) or a label.
 
-    kind: str  # "module" or "label"
+    Attributes:
+      kind: ``"module"`` (a subtree, named by its path) or ``"label"``.
+      name: the subtree's full path (``"bert/encoder/layer/3"``), or the label.
+      leaves: parameter leaves in it.
+      params: parameters (elements) in it.
+      frozen: frozen parameters (element-wise selections counted by element).
+      bytes: bytes of its parameters.
+      level: nesting in the table: 1 for a top-level row, 2 for a row inside it, ...
+      note: what the counts do not say (``"8 of 16 elements frozen"`` for a
+        partially frozen leaf), or ``""``.
+    """
+
+    kind: str
     name: str
     leaves: int = 0
     params: int = 0
     frozen: int = 0
     bytes: int = 0
+    level: int = 1
+    note: str = ""
 
     @property
     def trainable(self) -> int:
         return self.params - self.frozen
+
+    @property
+    def status(self) -> str:
+        """``"trainable"``, ``"frozen"`` or ``"mixed"`` (some of each)."""
+        if self.frozen == 0:
+            return "trainable"
+        return "frozen" if self.frozen == self.params else "mixed"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -55,9 +81,16 @@ def _fmt_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+_HEAD = ("", "leaves", "params", "trainable", "frozen", "bytes", "% params")
+
+
 @dataclasses.dataclass
 class Summary:
-    """What :func:`summary` returns: counts as attributes, a table as ``str``."""
+    """What :func:`summary` returns: counts as attributes, a table as ``str``.
+
+    ``str(s)`` is a plain-text table; in a notebook ``s`` displays as an HTML
+    table (``_repr_html_``) with the same rows and numbers.
+    """
 
     rows: list[Row]
     total: int
@@ -68,46 +101,93 @@ class Summary:
     frozen_bytes: int
     opt_state_bytes: int | None = None
 
-    def __str__(self) -> str:
-        def pct(n: int) -> str:
-            return f"{100 * n / self.total:.1f}%" if self.total else "-"
+    def _pct(self, n: int) -> str:
+        return f"{100 * n / self.total:.1f}%" if self.total else "-"
 
-        head = ("", "leaves", "params", "trainable", "frozen", "bytes", "% params")
-        lines: list[tuple[str, ...]] = [head]
-        for kind in ("module", "label"):
-            rows = [r for r in self.rows if r.kind == kind]
-            if rows:
-                lines.append((f"by {kind}",))
-            for r in rows:
-                lines.append((
-                    f"  {r.name}", f"{r.leaves:,}", f"{r.params:,}", f"{r.trainable:,}",
-                    f"{r.frozen:,}", _fmt_bytes(r.bytes), pct(r.params),
-                ))
-        widths = [max(len(line[i]) for line in lines if len(line) > i) for i in range(len(head))]
+    def _cells(self, r: Row) -> tuple[str, ...]:
+        return (f"{r.leaves:,}", f"{r.params:,}", f"{r.trainable:,}", f"{r.frozen:,}",
+                _fmt_bytes(r.bytes), self._pct(r.params))
+
+    def _sections(self) -> list[tuple[str, list[Row]]]:
+        out = [(k, [r for r in self.rows if r.kind == k]) for k in ("module", "label")]
+        return [(f"by {k}", rows) for k, rows in out if rows]
+
+    def _footer(self) -> list[tuple[str, str]]:
+        out = [
+            ("total", f"{self.total:,} params, {_fmt_bytes(self.total_bytes)}"),
+            ("trainable", f"{self.trainable:,} params ({self._pct(self.trainable)}), "
+                          f"{_fmt_bytes(self.trainable_bytes)}"),
+            ("frozen", f"{self.frozen:,} params ({self._pct(self.frozen)}), "
+                       f"{_fmt_bytes(self.frozen_bytes)}"),
+        ]
+        if self.opt_state_bytes is not None:
+            out.append(("opt state", _fmt_bytes(self.opt_state_bytes)))
+        return out
+
+    def __str__(self) -> str:
+        lines: list[tuple[str, ...]] = [_HEAD]
+        notes: dict[int, str] = {}
+        for title, rows in self._sections():
+            lines.append((title,))
+            for r, label in zip(rows, _labels(rows), strict=True):
+                notes[len(lines)] = r.note
+                lines.append((label, *self._cells(r)))
+        widths = [max(len(line[i]) for line in lines if len(line) > i) for i in range(len(_HEAD))]
         out = []
-        for line in lines:
+        for i, line in enumerate(lines):
             if len(line) == 1:
                 out.append(line[0])
                 continue
             right = [c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)]
-            cells = [line[0].ljust(widths[0]), *right]
-            out.append("  ".join(cells))
+            text = "  ".join([line[0].ljust(widths[0]), *right])
+            out.append(f"{text}  {notes[i]}" if notes.get(i) else text)
         rule = "-" * len(out[0])
         out.insert(1, rule)
-        out += [
-            rule,
-            f"total      {self.total:,} params, {_fmt_bytes(self.total_bytes)}",
-            f"trainable  {self.trainable:,} params ({pct(self.trainable)}), "
-            f"{_fmt_bytes(self.trainable_bytes)}",
-            f"frozen     {self.frozen:,} params ({pct(self.frozen)}), "
-            f"{_fmt_bytes(self.frozen_bytes)}",
-        ]
-        if self.opt_state_bytes is not None:
-            out.append(f"opt state  {_fmt_bytes(self.opt_state_bytes)}")
+        out.append(rule)
+        out += [f"{k:<10} {v}" for k, v in self._footer()]
         return "\n".join(out)
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython shows the table
         p.text(str(self))
+
+    def _repr_html_(self) -> str:
+        """The table as HTML, for notebooks: same rows, numbers and notes as ``str``."""
+        esc = html.escape
+        cell = '<td style="text-align:right;font-family:monospace">{}</td>'
+        head = "".join(f"<th>{esc(h)}</th>" for h in (*_HEAD, ""))
+        body = []
+        for title, rows in self._sections():
+            body.append(f'<tr><th colspan="8" style="text-align:left">{esc(title)}</th></tr>')
+            for r, label in zip(rows, _labels(rows), strict=True):
+                style = {"frozen": "color:#777", "mixed": "font-weight:bold"}.get(r.status, "")
+                name = (f'<td style="text-align:left;padding-left:{r.level}em">'
+                        f"{esc(label.strip())}</td>")
+                nums = "".join(cell.format(esc(c)) for c in self._cells(r))
+                note = f'<td style="text-align:left">{esc(r.note)}</td>'
+                body.append(f'<tr class="jf-{r.status}" style="{style}">{name}{nums}{note}</tr>')
+        foot = "".join(
+            f'<tr><th style="text-align:left">{esc(k)}</th>'
+            f'<td colspan="7" style="text-align:left">{esc(v)}</td></tr>'
+            for k, v in self._footer()
+        )
+        return (f'<table class="jfreeze-summary"><thead><tr>{head}</tr></thead>'
+                f"<tbody>{''.join(body)}</tbody><tfoot>{foot}</tfoot></table>")
+
+
+def _labels(rows: list[Row]) -> list[str]:
+    """Each row's name in the table: indented by level, relative to the row it sits in."""
+    enclosing: list[str] = []  # names of the rows a module row sits in, by level
+    out = []
+    for r in rows:
+        if r.kind == "label":
+            out.append("  " + r.name)
+            continue
+        del enclosing[r.level - 1:]
+        parent = enclosing[-1] if enclosing else ""
+        rel = r.name[len(parent) + 1:] if parent and r.name.startswith(parent + "/") else r.name
+        enclosing.append(r.name)
+        out.append("  " * r.level + rel)
+    return out
 
 
 def summary(
@@ -116,21 +196,43 @@ def summary(
     frozen: FrozenSpec | None = None,
     labels: Any = None,
     opt_state: Any = None,
+    depth: int | None = None,
+    max_rows: int = MAX_ROWS,
 ) -> Summary:
     """A Keras/PEFT-style table of what trains and what is frozen.
 
-    Rows per top-level module and, given ``labels`` (a label function such as
-    :func:`jfreeze.labels`, or a label tree), per label: leaves, parameters,
-    trainable and frozen counts (element-wise selections counted by element),
-    bytes and % of all parameters. Works on arrays and ``jax.ShapeDtypeStruct``.
+    Rows per subtree (leaves, parameters, trainable and frozen counts, bytes,
+    % of all parameters), indented by nesting, and, given ``labels`` (a label
+    function such as :func:`jfreeze.labels`, or a label tree), per label.
+    Element-wise selections are counted by element, and a partially frozen
+    leaf says how many of its elements are frozen. Works on arrays and
+    ``jax.ShapeDtypeStruct``; in a notebook the result shows as an HTML table.
+
+    Which subtrees get a row:
+
+    - ``depth=None`` (default): where trainable and frozen parts separate. Each
+      top-level subtree is a row; a row that is partly frozen opens into rows
+      for its children, until every row is wholly trainable, wholly frozen, or
+      a single leaf (whose frozen elements the row counts). A partly frozen
+      subtree with one child is shown as one row (``encoder/layer``). Rows open
+      breadth-first while the table stays within ``max_rows`` module rows; a
+      partly frozen row left closed says so in its note.
+    - ``depth=k``: every subtree of the first ``k`` path segments, nested
+      (``depth=1``: the top-level keys), as torchinfo's ``depth`` does.
+
+    Either way the innermost rows partition the parameters: their counts add
+    up to ``total``, ``trainable`` and ``frozen``.
 
     Args:
       params: the parameter tree.
       frozen: what is frozen (anything ``frozen=`` takes); None: nothing.
       labels: optional label function or label tree, for per-label rows.
       opt_state: optional optimizer state, to report its bytes.
+      depth: None (where trainable and frozen separate), or how many path
+        segments to group by (an int >= 1).
+      max_rows: the most module rows ``depth=None`` opens up to.
 
-    >>> import jax.numpy as jnp, optax
+    >>> import jax.numpy as jnp, numpy as np, optax
     >>> import jfreeze as jf
     >>> params = {"backbone": {"w": jnp.ones((4, 4))}, "head": {"w": jnp.ones(4)}}
     >>> tx = jf.freeze(optax.adam(1e-3), frozen=jf.paths("backbone/**"))
@@ -148,7 +250,33 @@ def summary(
     trainable  4 params (20.0%), 16 B
     frozen     16 params (80.0%), 64 B
     opt state  36 B
+
+    Nested trees open where trainable and frozen parts separate:
+
+    >>> params = {"embed": jnp.ones((8, 4)),
+    ...           "encoder": {"layers": [{"w": jnp.ones((4, 4))} for _ in range(3)]},
+    ...           "head": {"w": jnp.ones((4, 2))}}
+    >>> frozen = jf.paths("embed", "encoder/layers/0/**") | jf.elements("head/w", np.s_[:, 0])
+    >>> print(jf.summary(params, frozen=frozen))
+                      leaves  params  trainable  frozen  bytes  % params
+    --------------------------------------------------------------------
+    by module
+      embed                1      32          0      32  128 B     36.4%
+      encoder/layers       3      48         32      16  192 B     54.5%
+        0                  1      16          0      16   64 B     18.2%
+        1                  1      16         16       0   64 B     18.2%
+        2                  1      16         16       0   64 B     18.2%
+      head/w               1       8          4       4   32 B      9.1%  4 of 8 elements frozen
+    --------------------------------------------------------------------
+    total      88 params, 352 B
+    trainable  36 params (40.9%), 144 B
+    frozen     52 params (59.1%), 208 B
+    >>> [r.name for r in jf.summary(params, frozen=frozen, depth=1).rows]
+    ['embed', 'encoder', 'head']
+    >>> [(r.name, r.level) for r in jf.summary(params, frozen=frozen, depth=2).rows]
+    [('embed', 1), ('encoder', 1), ('encoder/layers', 2), ('head', 1), ('head/w', 2)]
     """
+    _check_layout_args(depth, max_rows)
     sel = nothing if frozen is None else as_selector(frozen)
     flat, masks = sel.masks(params)
     if labels is not None:
@@ -157,49 +285,132 @@ def summary(
     else:
         label_of = [None] * len(flat.entries)
 
-    rows, tot = _count(flat.entries, masks, label_of)
+    root, label_rows, frozen_bytes = _count(flat.entries, masks, label_of)
     state_bytes = None
     if opt_state is not None:
         state_bytes = sum(_nbytes(x) for x in jax.tree.leaves(opt_state))
+    tot = root.row
     return Summary(
-        rows=list(rows.values()),
-        total=tot["params"],
-        trainable=tot["params"] - tot["frozen"],
-        frozen=tot["frozen"],
-        total_bytes=tot["bytes"],
-        trainable_bytes=tot["bytes"] - tot["frozen_bytes"],
-        frozen_bytes=tot["frozen_bytes"],
+        rows=_layout(root, depth, max_rows) + list(label_rows.values()),
+        total=tot.params,
+        trainable=tot.trainable,
+        frozen=tot.frozen,
+        total_bytes=tot.bytes,
+        trainable_bytes=tot.bytes - frozen_bytes,
+        frozen_bytes=frozen_bytes,
         opt_state_bytes=state_bytes,
     )
 
 
+def _check_layout_args(depth: Any, max_rows: Any) -> None:
+    def positive_int(x: Any) -> bool:
+        return isinstance(x, int | np.integer) and not isinstance(x, bool) and x >= 1
+
+    if depth is not None and not positive_int(depth):
+        raise ValueError(
+            "jf.summary: depth= is None (rows where trainable and frozen parts separate) "
+            f"or an int >= 1 (group by that many path segments), got {depth!r}"
+        )
+    if not positive_int(max_rows):
+        raise ValueError(f"jf.summary: max_rows= is an int >= 1, got {max_rows!r}")
+
+
+@dataclasses.dataclass
+class _Node:
+    """A subtree of the parameter paths (split at ``/``) and its counts."""
+
+    row: Row
+    children: dict[str, _Node] = dataclasses.field(default_factory=dict)
+    is_leaf: bool = False  # a parameter leaf sits at exactly this path
+
+    def kids(self) -> list[_Node]:
+        """Children in tree order; numbered ones (``layer/10``) in numeric order."""
+        keys = list(self.children)
+        if all(k.isdigit() for k in keys):
+            keys.sort(key=int)
+        return [self.children[k] for k in keys]
+
+    def opens(self) -> bool:
+        return bool(self.children) and not self.is_leaf
+
+
 def _count(
     entries: list[tuple[str, Any]], masks: list[Mask], label_of: list[Any]
-) -> tuple[dict[tuple[str, str], Row], dict[str, int]]:
-    """Rows per top-level module (and label), and the totals, of the parameter leaves."""
-    rows: dict[tuple[str, str], Row] = {}
-    tot = dict(params=0, frozen=0, bytes=0, frozen_bytes=0)
+) -> tuple[_Node, dict[str, Row], int]:
+    """The path tree of the parameter leaves with counts, the label rows, frozen bytes."""
+    root = _Node(Row("module", ""))
+    labels: dict[str, Row] = {}
+    frozen_bytes = 0
     for (path, x), m, label in zip(entries, masks, label_of, strict=True):
         if not _is_param(x):
             continue  # e.g. an unfiltered Equinox module's activation functions
         n = _size(x)
-        nf = n if m is True else 0 if m is False else int(np.sum(m))
+        nf = n if m is True else 0 if m is False else int(np.sum(np.broadcast_to(m, np.shape(x))))
         b = _nbytes(x)
-        bf = b if m is True else 0 if m is False else nf * np.dtype(x.dtype).itemsize
-        keys = [("module", path.split("/")[0] or "(root)")]
+        frozen_bytes += b if m is True else 0 if m is False else nf * np.dtype(x.dtype).itemsize
+        node, rows = root, [root.row]
+        segments = path.split("/") if path else ["(root)"]
+        for i, seg in enumerate(segments):
+            name = "/".join(segments[: i + 1])
+            node = node.children.setdefault(seg, _Node(Row("module", name)))
+            rows.append(node.row)
+        node.is_leaf = True
+        if 0 < nf < n:
+            node.row.note = f"{nf:,} of {n:,} elements frozen"
         if label is not None:
-            keys.append(("label", str(label)))
-        for key in keys:
-            r = rows.setdefault(key, Row(*key))
+            rows.append(labels.setdefault(str(label), Row("label", str(label))))
+        for r in rows:
             r.leaves += 1
             r.params += n
             r.frozen += nf
             r.bytes += b
-        tot["params"] += n
-        tot["frozen"] += nf
-        tot["bytes"] += b
-        tot["frozen_bytes"] += bf
-    return rows, tot
+    return root, labels, frozen_bytes
+
+
+def _chain(node: _Node) -> _Node:
+    """A partly frozen subtree with a single child is shown as that child's row."""
+    while node.row.status == "mixed" and node.opens() and len(node.children) == 1:
+        node = next(iter(node.children.values()))
+    return node
+
+
+def _auto_open(root: _Node, max_rows: int) -> set[str]:
+    """The rows ``depth=None`` opens: partly frozen ones, breadth-first, within max_rows."""
+    tops = [_chain(c) for c in root.kids()]
+    count, opened = len(tops), set()
+    queue = collections.deque(tops)
+    while queue:
+        node = queue.popleft()
+        if node.row.status != "mixed" or not node.opens():
+            continue
+        kids = [_chain(c) for c in node.kids()]
+        if count + len(kids) > max_rows:
+            node.row.note = f"partly frozen: {len(kids)} rows inside (max_rows=, depth=)"
+            continue
+        opened.add(node.row.name)
+        count += len(kids)
+        queue.extend(kids)
+    return opened
+
+
+def _layout(root: _Node, depth: int | None, max_rows: int) -> list[Row]:
+    """The module rows in table order (pre-order), each with its level set."""
+    opened = _auto_open(root, max_rows) if depth is None else set()
+    out: list[Row] = []
+
+    def emit(node: _Node, level: int) -> None:
+        if depth is None:
+            node = _chain(node)
+        node.row.level = level
+        out.append(node.row)
+        deeper = node.row.name in opened if depth is None else level < depth
+        if deeper and node.opens():
+            for kid in node.kids():
+                emit(kid, level + 1)
+
+    for top in root.kids():
+        emit(top, 1)
+    return out
 
 
 def _bit_view(x: np.ndarray) -> np.ndarray:
