@@ -17,6 +17,7 @@ NAMES = [
     "finetune_trainstate.py",        # linen + TrainState transfer learning
     "finetune_nnx.py",               # the NNX variant
     "finetune_equinox.py",           # the Equinox variant, frozen by path (layers/0/*)
+    "lora_nnx.py",                   # NNX LoRA: only the adapters train
 ]
 
 
