@@ -304,7 +304,7 @@ def summary(
 
 def _check_layout_args(depth: Any, max_rows: Any) -> None:
     def positive_int(x: Any) -> bool:
-        return isinstance(x, int | np.integer) and not isinstance(x, bool) and x >= 1
+        return isinstance(x, int | np.integer) and not isinstance(x, bool) and bool(x >= 1)
 
     if depth is not None and not positive_int(depth):
         raise ValueError(

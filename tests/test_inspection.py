@@ -258,3 +258,197 @@ def _bit_parts(x):
     """A writable uint view of ``x``'s bits, shape ``(*x.shape, parts)``."""
     parts = 2 if x.dtype.kind == "c" else 1
     return x.reshape(-1).view(f"uint{8 * x.dtype.itemsize // parts}").reshape(*x.shape, parts)
+
+
+# --------------------------------------------------------------------------
+# summary on a BERT-base-shaped tree: depth=None opens where trainable and frozen separate
+
+
+def _dense(n_in, n_out):
+    f32 = jnp.float32
+    return {"kernel": jax.ShapeDtypeStruct((n_in, n_out), f32),
+            "bias": jax.ShapeDtypeStruct((n_out,), f32)}
+
+
+def _layer_norm(n):
+    return {"scale": jax.ShapeDtypeStruct((n,), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((n,), jnp.float32)}
+
+
+def bert_base(layers=12, hidden=768, mlp=3072, vocab=30522, positions=512, labels=2):
+    """The parameter tree of Hugging Face's FlaxBertForSequenceClassification (bert-base)."""
+    emb = lambda n: {"embedding": jax.ShapeDtypeStruct((n, hidden), jnp.float32)}
+    layer = {
+        "attention": {
+            "self": {k: _dense(hidden, hidden) for k in ("query", "key", "value")},
+            "output": {"dense": _dense(hidden, hidden), "LayerNorm": _layer_norm(hidden)},
+        },
+        "intermediate": {"dense": _dense(hidden, mlp)},
+        "output": {"dense": _dense(mlp, hidden), "LayerNorm": _layer_norm(hidden)},
+    }
+    return {
+        "bert": {
+            "embeddings": {"word_embeddings": emb(vocab), "position_embeddings": emb(positions),
+                           "token_type_embeddings": emb(2), "LayerNorm": _layer_norm(hidden)},
+            "encoder": {"layer": {str(i): layer for i in range(layers)}},
+            "pooler": {"dense": _dense(hidden, hidden)},
+        },
+        "classifier": _dense(hidden, labels),
+    }
+
+
+BERT_FROZEN = jf.paths("bert/embeddings/**") | jf.regex(r"bert/encoder/layer/[0-7]/.*")
+LAYER = 4 * (768 * 768 + 768) + 2 * 2 * 768 + 768 * 3072 + 3072 + 3072 * 768 + 768  # 7,087,872
+EMBEDDINGS = (30522 + 512 + 2) * 768 + 2 * 768                                       # 23,837,184
+
+
+def _innermost(rows):
+    """The module rows with no row inside them (they partition the parameters)."""
+    rows = [r for r in rows if r.kind == "module"]
+    return [r for r, nxt in zip(rows, [*rows[1:], None], strict=True)
+            if nxt is None or nxt.level <= r.level]
+
+
+def test_summary_bert_default_depth_opens_where_frozen_and_trainable_separate():
+    s = jf.summary(bert_base(), frozen=BERT_FROZEN)
+    assert LAYER == 7_087_872 and EMBEDDINGS == 23_837_184
+    pooler, classifier = 768 * 768 + 768, 768 * 2 + 2
+    assert s.total == EMBEDDINGS + 12 * LAYER + pooler + classifier == 109_483_778
+    assert s.frozen == EMBEDDINGS + 8 * LAYER
+    assert s.trainable == 4 * LAYER + pooler + classifier
+    assert s.frozen_bytes == 4 * s.frozen and s.total_bytes == 4 * s.total
+    layers = [f"bert/encoder/layer/{i}" for i in range(12)]  # numeric order: 2 before 10
+    assert [(r.name, r.level) for r in s.rows] == [
+        ("bert", 1), ("bert/embeddings", 2), ("bert/encoder/layer", 2),
+        *[(name, 3) for name in layers], ("bert/pooler", 2), ("classifier", 1)]
+    rows = {r.name: r for r in s.rows}
+    for i in range(12):
+        r = rows[f"bert/encoder/layer/{i}"]
+        assert (r.leaves, r.params, r.frozen) == (16, LAYER, LAYER if i < 8 else 0)
+        assert r.status == ("frozen" if i < 8 else "trainable")
+    assert rows["bert/encoder/layer"].status == "mixed"
+    assert (rows["bert/embeddings"].status, rows["bert/pooler"].status) == ("frozen", "trainable")
+    assert (rows["bert"].leaves, rows["classifier"].leaves) == (199, 2)
+    inner = _innermost(s.rows)
+    assert sum(r.params for r in inner) == s.total and sum(r.frozen for r in inner) == s.frozen
+    assert all(r.status != "mixed" for r in inner)
+    table = str(s)
+    assert re.search(r"\n    encoder/layer\s+192\s+85,054,464\s+28,351,488\s+56,702,976\s+"
+                     r"324\.5 MiB\s+77\.7%\n      0\s+16\s+7,087,872\s+0\s+7,087,872", table)
+    assert re.search(r"\n      11\s+16\s+7,087,872\s+7,087,872\s+0\s+27\.0 MiB\s+6\.5%\n"
+                     r"    pooler\s", table), table
+    assert "frozen     80,540,160 params (73.6%), 307.2 MiB" in table
+
+
+@pytest.mark.parametrize("depth, names", [
+    (1, ["bert", "classifier"]),
+    (2, ["bert", "bert/embeddings", "bert/encoder", "bert/pooler",
+         "classifier", "classifier/bias", "classifier/kernel"]),
+    (3, ["bert", "bert/embeddings", "bert/embeddings/LayerNorm",
+         "bert/embeddings/position_embeddings", "bert/embeddings/token_type_embeddings",
+         "bert/embeddings/word_embeddings", "bert/encoder", "bert/encoder/layer",
+         "bert/pooler", "bert/pooler/dense", "classifier", "classifier/bias",
+         "classifier/kernel"]),
+])
+def test_summary_bert_fixed_depth_groups_by_the_first_k_segments(depth, names):
+    s = jf.summary(bert_base(), frozen=BERT_FROZEN, depth=depth)
+    assert [r.name for r in s.rows] == names
+    assert all(r.level == r.name.count("/") + 1 <= depth for r in s.rows)
+    for level in range(1, depth + 1):  # each level's rows plus shallower innermost ones
+        part = [r for r in s.rows if r.level == level]
+        part += [r for r in _innermost(s.rows) if r.level < level]
+        assert sum(r.params for r in part) == s.total
+        assert sum(r.frozen for r in part) == s.frozen
+    assert s.rows[0].name == "bert" and s.rows[0].status == "mixed"
+
+
+def test_summary_bert_max_rows_keeps_a_mixed_row_closed_and_says_so():
+    s = jf.summary(bert_base(), frozen=BERT_FROZEN, max_rows=10)
+    assert [r.name for r in s.rows] == ["bert", "bert/embeddings", "bert/encoder/layer",
+                                        "bert/pooler", "classifier"]
+    layer = s.rows[2]
+    assert layer.status == "mixed" and "12 rows inside" in layer.note
+    assert "partly frozen: 12 rows inside (max_rows=, depth=)" in str(s)
+    assert len(jf.summary(bert_base(), frozen=jf.nothing).rows) == 2  # nothing separates
+
+
+def test_summary_bert_element_wise_leaf_row_and_labels():
+    frozen = BERT_FROZEN | jf.paths("bert/pooler/**") | jf.elements("classifier/kernel",
+                                                                      np.s_[:, 0])
+    label_fn = jf.labels({"frozen": BERT_FROZEN, "pooler": jf.paths("bert/pooler/**")},
+                         default="head")
+    s = jf.summary(bert_base(), frozen=frozen, labels=label_fn)
+    rows = {(r.kind, r.name): r for r in s.rows}
+    kernel = rows["module", "classifier/kernel"]
+    assert (kernel.level, kernel.params, kernel.frozen) == (2, 1536, 768)
+    assert kernel.note == "768 of 1,536 elements frozen" and kernel.status == "mixed"
+    assert rows["module", "classifier/bias"].note == ""
+    assert re.search(r"\n    kernel\s+1\s+1,536\s+768\s+768\s+6\.0 KiB\s+0\.0%  "
+                     r"768 of 1,536 elements frozen\n", str(s)), str(s)
+    assert rows["label", "frozen"].params == EMBEDDINGS + 8 * LAYER
+    assert rows["label", "head"].params == 4 * LAYER + 768 * 2 + 2
+    assert rows["label", "head"].level == 1 and "by label" in str(s)
+
+
+def test_summary_html_has_the_same_rows_and_numbers():
+    s = jf.summary(bert_base(), frozen=BERT_FROZEN)
+    page = s._repr_html_()
+    assert page.startswith('<table class="jfreeze-summary">') and page.endswith("</table>")
+    assert page.count('<tr class="jf-') == len(s.rows) == 17
+    for r in s.rows:
+        assert f"{r.params:,}</td>" in page and f"{r.frozen:,}</td>" in page
+    assert page.count('<tr class="jf-frozen"') == 9 and page.count('class="jf-mixed"') == 2
+    assert "padding-left:3em\">11</td>" in page
+    assert "80,540,160 params (73.6%), 307.2 MiB" in page
+    weird = jf.summary({"<b>&": jnp.ones(2)})._repr_html_()  # keys are escaped
+    assert "&lt;b&gt;&amp;" in weird and "<b>&" not in weird
+
+
+@pytest.mark.parametrize("depth", [0, -1, 1.5, True, "2"])
+def test_summary_rejects_a_bad_depth(depth):
+    with pytest.raises(ValueError, match=r"depth= is None .* or an int >= 1"):
+        jf.summary(make_params(), depth=depth)
+    with pytest.raises(ValueError, match="max_rows= is an int >= 1"):
+        jf.summary(make_params(), max_rows=0)
+
+
+def _ground_truth(paths, sizes, frozen_counts, name):
+    inside = [i for i, p in enumerate(paths) if (p or "(root)") == name
+              or (p or "(root)").startswith(name + "/")]
+    return (len(inside), sum(sizes[i] for i in inside), sum(frozen_counts[i] for i in inside))
+
+
+@property_settings(80)
+@given(trees_and_selections(rich=True), st.sampled_from([None, 1, 2, 3, 5]),
+       st.integers(1, 12))
+def test_summary_property_rows_partition_the_totals(case, depth, max_rows):
+    params, selection, _ = case
+    paths = leaf_paths(params)
+    leaves = jax.tree.leaves(params)
+    sizes = [x.size for x in leaves]
+    frozen_counts = [int(selection.frozen_elements(i, x.shape).sum())
+                     for i, x in enumerate(leaves)]
+    s = jf.summary(params, frozen=selection.selector, depth=depth, max_rows=max_rows)
+    assert (s.total, s.frozen) == (sum(sizes), sum(frozen_counts))
+    names = [r.name for r in s.rows]
+    assert len(set(names)) == len(names)
+    for r in s.rows:  # every row counts exactly the leaves at or under its path
+        assert (r.leaves, r.params, r.frozen) == _ground_truth(paths, sizes, frozen_counts, r.name)
+    inner = _innermost(s.rows)  # the innermost rows partition the totals
+    assert sum(r.params for r in inner) == s.total
+    assert sum(r.frozen for r in inner) == s.frozen
+    assert sum(r.leaves for r in inner) == len(leaves)
+    tops = [r for r in s.rows if r.level == 1]
+    assert sum(r.params for r in tops) == s.total
+    if depth is not None:
+        assert all(r.level == r.name.count("/") + 1 <= depth for r in s.rows)
+    else:  # a mixed row stays closed only when it is one leaf or max_rows is reached
+        closed = [r for r in inner if r.status == "mixed" and r.leaves > 1]
+        assert all(r.note.startswith("partly frozen") for r in closed)
+        if max_rows >= 2 * len(leaves):  # never reached: every innermost row is one status
+            assert closed == []
+    for level in range(1, max(r.level for r in s.rows) + 1):  # and so do the rows of each level
+        part = [r for r in s.rows if r.level == level] + [r for r in inner if r.level < level]
+        assert (sum(r.params for r in part), sum(r.frozen for r in part)) == (s.total, s.frozen)
+    page = s._repr_html_()
+    assert page.count('<tr class="jf-') == len(s.rows)
