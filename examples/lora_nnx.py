@@ -56,13 +56,10 @@ def main(argv=None) -> int:
     c.check(f"base model on digits 0-4: held-out accuracy {acc_a:.3f} > {threshold}",
             acc_a > threshold)
 
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    summary = jf.summary(params, frozen=~ADAPTERS)
-    print(summary)
-    before = jax.tree.map(np.array, params)
+    before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    print(summary := jf.summary(before, frozen=~ADAPTERS))
     losses, acc_b = fit(model, adapters, data["B"], steps, 2, "LoRA on 5-9")
     after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
     c.check("the base weights (kernel, bias) keep every bit", jf.assert_frozen, before, after,
             frozen=~ADAPTERS)
     leaves = zip(*map(jax.tree.leaves, (ADAPTERS(before), before, after)), strict=True)
