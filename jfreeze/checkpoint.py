@@ -6,24 +6,33 @@ not need it; install it with ``pip install "jfreeze[orbax]"``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfreeze._tree import Flat, describe_paths, is_array, leaves_with_paths
-from jfreeze.selectors import FrozenSpec, as_selector
+from jfreeze._tree import (
+    Flat,
+    Mask,
+    describe_paths,
+    is_array,
+    leaves_with_paths,
+    shape_dtype,
+    simplify,
+)
+from jfreeze.selectors import FrozenSpec, Selector, as_selector
 
 __all__ = ["check_manifest", "freeze_manifest", "restore_trainable", "save_trainable"]
 
 FORMAT = "jfreeze.trainable_checkpoint"
-VERSION = 1
+VERSION = 2  # 2: collections (version 1 manifests, without them, still load)
 _SHOWN = 8  # mismatches listed in an error
 
 
@@ -136,11 +145,94 @@ def _fingerprint_all(leaves: Sequence[Any]) -> list[str]:
     return [f"{int(a):08x}{int(b):08x}" for a, b in jax.device_get(_fingerprints(words))]
 
 
+Collections = Mapping[str, Any]
+"""Named trees beside the params (``{"batch_stats": stats}``), saved and checked by path."""
+
+
+def _entries(flat: Flat, masks: Sequence[Mask], include_frozen: bool) -> list[dict[str, Any]]:
+    """The manifest entries of a tree's leaves: path, shape, dtype, status, saved."""
+    leaves = []
+    for (path, x), m in zip(flat.entries, masks, strict=True):
+        entry = _record(path, x)
+        if m is True:
+            entry["status"] = "frozen"
+        elif m is False:
+            entry["status"] = "trainable"
+        else:
+            entry.update(status="partial", mask_sha256=_mask_hash(m), frozen_elements=int(m.sum()))
+        entry["saved"] = bool(m is not True or include_frozen)  # JSON true/false, never 1
+        leaves.append(entry)
+    return leaves
+
+
+def _add_fingerprints(entries: list[dict[str, Any]], flat: Flat) -> None:
+    frozen_at = [
+        i for i, (e, (_, x)) in enumerate(zip(entries, flat.entries, strict=True))
+        if e["status"] == "frozen" and isinstance(x, jax.Array | np.ndarray)
+    ]
+    prints = _fingerprint_all([flat.entries[i][1] for i in frozen_at])
+    for i, fp in zip(frozen_at, prints, strict=True):
+        entries[i]["fingerprint"] = fp
+
+
+def _collection_masks(name: str, flat: Flat, sel: Selector,
+                      collection_frozen: Mapping[str, FrozenSpec] | None) -> list[Mask]:
+    """What is frozen in one collection: its own selector, or ``frozen=`` by path.
+
+    A selector given for the collection is strict (it was written for it);
+    ``frozen=`` is not (it was written for the params, and was checked there:
+    ``backbone/**`` matches the backbone's statistics, a pattern naming a kernel
+    matches none, and neither is a typo).
+    """
+    if collection_frozen is not None and name in collection_frozen:
+        return as_selector(collection_frozen[name]).evaluate(flat)
+    if not sel.per_leaf:
+        raise TypeError(
+            f"frozen={sel!r} is a mask tree or mask function of the params, so it cannot say "
+            f"what is frozen in the collection {name!r}: pass collection_frozen={{{name!r}: "
+            "...}} (a selector such as jf.paths('backbone/**'), or jf.nothing to save it all)."
+        )
+    return [simplify(sel.leaf_mask(p, shape_dtype(x))) for p, x in flat.entries]
+
+
+def _check_collection_args(collections: Any, collection_frozen: Any) -> None:
+    if not isinstance(collections, Mapping) or not all(isinstance(k, str) for k in collections):
+        raise TypeError(
+            "collections= takes a dict of named trees, e.g. {'batch_stats': stats}; got "
+            f"{type(collections).__name__}"
+        )
+    unknown = sorted(set(collection_frozen or ()) - set(collections))
+    if unknown:
+        raise ValueError(
+            f"collection_frozen= names the collection {unknown[0]!r}, which is not in "
+            f"collections= (it holds {sorted(collections)})"
+        )
+
+
+def _collection_entries(
+    collections: Collections, sel: Selector, collection_frozen: Any, include_frozen: bool,
+    fingerprint: bool,
+) -> dict[str, list[dict[str, Any]]]:
+    """Manifest entries of each collection, by name (sorted)."""
+    _check_collection_args(collections, collection_frozen)
+    out = {}
+    for name in sorted(collections):
+        flat = Flat.of(collections[name])
+        _refuse_shared_paths(flat.paths, f"collection {name!r}")
+        out[name] = _entries(flat, _collection_masks(name, flat, sel, collection_frozen),
+                             include_frozen)
+        if fingerprint:
+            _add_fingerprints(out[name], flat)
+    return out
+
+
 def freeze_manifest(
     params: Any,
     *,
     frozen: FrozenSpec,
     opt_state: Any = None,
+    collections: Collections | None = None,
+    collection_frozen: Mapping[str, FrozenSpec] | None = None,
     include_frozen: bool = False,
     frozen_source: str | None = None,
     fingerprint: bool = True,
@@ -152,7 +244,11 @@ def freeze_manifest(
     for frozen leaves, a fingerprint of their values (a 64-bit checksum computed
     on device over the leaf's bits, every dtype, not a cryptographic hash) so
     that a resumed run can check that it was handed the same frozen weights.
-    The optimizer state is recorded by path too. Leaves are matched by path,
+    The optimizer state is recorded by path too. ``collections`` (named trees
+    beside the params, such as a linen model's ``batch_stats``) are recorded
+    like the params, each leaf frozen or not by ``collection_frozen[name]`` if
+    given, else by ``frozen`` on its path (the statistics of a frozen
+    ``backbone/**`` are frozen). Leaves are matched by path,
     so two leaves that share a path string (a dict key ``"a/b"`` and a nested
     ``a`` → ``b``) are a ``ValueError``. :func:`save_trainable` writes it;
     :func:`check_manifest` compares it with a current freeze. Use the two
@@ -161,8 +257,11 @@ def freeze_manifest(
 
     >>> import jax.numpy as jnp
     >>> import jfreeze as jf
-    >>> m = jf.freeze_manifest({"a": jnp.ones(2), "b": jnp.ones(3)}, frozen=jf.paths("a"))
+    >>> m = jf.freeze_manifest({"a": jnp.ones(2), "b": jnp.ones(3)}, frozen=jf.paths("a"),
+    ...                        collections={"stats": {"a": jnp.zeros(2), "b": jnp.zeros(3)}})
     >>> [(leaf["path"], leaf["status"]) for leaf in m["params"]]
+    [('a', 'frozen'), ('b', 'trainable')]
+    >>> [(leaf["path"], leaf["status"]) for leaf in m["collections"]["stats"]]
     [('a', 'frozen'), ('b', 'trainable')]
     >>> m["selector"]
     "paths('a')"
@@ -170,29 +269,15 @@ def freeze_manifest(
     sel = as_selector(frozen)
     flat = Flat.of(params)
     _refuse_shared_paths(flat.paths, "params")
-    leaves = []
-    for (path, x), m in zip(flat.entries, sel.evaluate(flat), strict=True):
-        entry = _record(path, x)
-        if m is True:
-            entry["status"] = "frozen"
-        elif m is False:
-            entry["status"] = "trainable"
-        else:
-            entry.update(status="partial", mask_sha256=_mask_hash(m), frozen_elements=int(m.sum()))
-        entry["saved"] = bool(m is not True or include_frozen)  # JSON true/false, never 1
-        leaves.append(entry)
+    leaves = _entries(flat, sel.evaluate(flat), include_frozen)
     if fingerprint:
-        frozen_at = [
-            i for i, (e, (_, x)) in enumerate(zip(leaves, flat.entries, strict=True))
-            if e["status"] == "frozen" and isinstance(x, jax.Array | np.ndarray)
-        ]
-        prints = _fingerprint_all([flat.entries[i][1] for i in frozen_at])
-        for i, fp in zip(frozen_at, prints, strict=True):
-            leaves[i]["fingerprint"] = fp
+        _add_fingerprints(leaves, flat)
     state = None
     if opt_state is not None:
         state = _state_entries(opt_state)
         _refuse_shared_paths([e["path"] for e in state], "optimizer state")
+    colls = _collection_entries(collections or {}, sel, collection_frozen, include_frozen,
+                                fingerprint)
     import jfreeze
 
     return {
@@ -203,6 +288,7 @@ def freeze_manifest(
         "frozen_source": frozen_source,
         "params": leaves,
         "opt_state": state,
+        "collections": colls,
         "versions": {"jfreeze": jfreeze.__version__, "jax": jax.__version__},
     }
 
@@ -267,6 +353,23 @@ def _manifest_problem(m: Any) -> str | None:
             problem = _entry_problem(e, m["include_frozen"], state=key == "opt_state")
             if problem:
                 return f"{key}[{i}] " + problem
+    return _collections_problem(m)
+
+
+def _collections_problem(m: dict) -> str | None:
+    """Version 1 manifests have no ``collections``; from version 2 it is a dict of lists."""
+    if "collections" not in m:
+        return "it has no 'collections'" if m["version"] >= 2 else None
+    colls = m["collections"]
+    if not isinstance(colls, dict):
+        return f"its 'collections' is {colls!r:.60}, not an object"
+    for name, entries in colls.items():
+        if not isinstance(entries, list):
+            return f"its collection {name!r} is {entries!r:.60}, not a list"
+        for i, e in enumerate(entries):
+            problem = _entry_problem(e, m["include_frozen"], state=False)
+            if problem:
+                return f"collections[{name!r}][{i}] " + problem
     return None
 
 
@@ -276,15 +379,19 @@ def check_manifest(
     *,
     frozen: FrozenSpec,
     opt_state: Any = None,
+    collections: Collections | None = None,
+    collection_frozen: Mapping[str, FrozenSpec] | None = None,
     verify_frozen: bool = True,
 ) -> None:
     """Raises ``ValueError`` naming every path where ``manifest`` and the current freeze differ.
 
     Checked: the same leaf paths, shapes and dtypes; each leaf frozen,
     trainable or partially frozen as it was, with the same element mask; the
-    optimizer state's paths, shapes and dtypes (if both are given); and, with
-    ``verify_frozen``, the values of frozen leaves that were not saved (their
-    fingerprint), since the resumed run will use the ones in ``params``.
+    optimizer state's paths, shapes and dtypes (if both are given); the
+    ``collections`` (if given) as the params, each error naming the collection,
+    and the same collection names as saved; and, with ``verify_frozen``, the
+    values of frozen leaves that were not saved (their fingerprint), since the
+    resumed run will use the ones in ``params`` and ``collections``.
     Leaves are compared by path, so the same leaves in another order (fields
     reordered in a refactor) are no difference: :func:`restore_trainable` reads
     them back by path as well. A manifest that is not one jfreeze wrote (wrong
@@ -306,9 +413,10 @@ def check_manifest(
         raise ValueError(f"not a valid jfreeze trainable-only checkpoint manifest: {problem}")
     for key, what in [("params", "saved params"), ("opt_state", "saved optimizer state")]:
         _refuse_shared_paths([e["path"] for e in manifest[key] or []], what)
-    now = freeze_manifest(params, frozen=frozen, fingerprint=False)
+    sel = as_selector(frozen)
+    now = freeze_manifest(params, frozen=sel, fingerprint=False)
     was = {e["path"]: e for e in manifest["params"]}
-    problems = _freeze_differences(was, {e["path"]: e for e in now["params"]})
+    problems = _freeze_differences(was, {e["path"]: e for e in now["params"]}, "params")
     if problems:
         raise ValueError(
             "the checkpoint was saved under a different freeze (saved with frozen="
@@ -316,22 +424,70 @@ def check_manifest(
         )
     if opt_state is not None and manifest.get("opt_state") is not None:
         _check_state(manifest["opt_state"], _state_entries(opt_state))
+    if collections is not None:
+        _check_collections(manifest, collections, sel, collection_frozen)
     if verify_frozen:
-        moved = _moved_frozen(was, params)
-        if moved:
-            source = manifest.get("frozen_source")
+        _verify_frozen(manifest, "", was, Flat.of(params))
+        for name, tree in (collections or {}).items():
+            saved = {e["path"]: e for e in manifest["collections"][name]}
+            _verify_frozen(manifest, name, saved, Flat.of(tree))
+
+
+def _check_collections(manifest: dict, collections: Collections, sel: Selector,
+                       collection_frozen: Any) -> None:
+    """The same collection names as saved; each collection's leaves as the params'."""
+    _check_collection_args(collections, collection_frozen)
+    saved = manifest.get("collections", {})  # version 1: none
+    for name in sorted(set(collections) - set(saved)):
+        raise ValueError(
+            f"the checkpoint holds no collection {name!r} (it holds "
+            f"{sorted(saved) if saved else 'none'})"
+        )
+    for name in sorted(set(saved) - set(collections)):
+        raise ValueError(
+            f"the checkpoint holds the collection {name!r} ({len(saved[name])} leaves), which "
+            f"is not in collections=: pass collections={{{name!r}: ...}} to restore it"
+        )
+    for name in sorted(collections):
+        _refuse_shared_paths([e["path"] for e in saved[name]], f"saved collection {name!r}")
+        flat = Flat.of(collections[name])
+        now = _entries(flat, _collection_masks(name, flat, sel, collection_frozen), False)
+        was = {e["path"]: e for e in saved[name]}
+        problems = _freeze_differences(was, {e["path"]: e for e in now},
+                                       f"collection {name!r}")
+        if problems:
             raise ValueError(
-                f"the frozen leaves at {describe_paths(moved)} differ from those the checkpoint "
-                "was trained with"
-                + (f" (saved by reference to {source!r})" if source else "")
-                + ": load the same frozen weights, or pass verify_frozen=False."
+                f"the collection {name!r} does not match the one saved (another model, or "
+                "another freeze):\n" + _list(problems)
             )
 
 
-def _freeze_differences(was: dict[str, dict], cur: dict[str, dict]) -> list[str]:
+def _verify_frozen(manifest: dict, collection: str, was: dict[str, dict], flat: Flat) -> None:
+    """Frozen leaves saved by reference must be those the checkpoint was trained with."""
+    moved = _moved_frozen(was, flat)
+    if not moved:
+        return
+    source = manifest.get("frozen_source")
+    by_ref = f" (saved by reference to {source!r})" if source else ""
+    if not collection:
+        raise ValueError(
+            f"the frozen leaves at {describe_paths(moved)} differ from those the checkpoint "
+            f"was trained with{by_ref}: load the same frozen weights, or pass "
+            "verify_frozen=False."
+        )
+    raise ValueError(
+        f"the frozen leaves of the collection {collection!r} at {describe_paths(moved)} differ "
+        f"from those the checkpoint was trained with{by_ref}: load the same ones; if they "
+        "change in training (BatchNorm statistics of a frozen part updated in train mode), "
+        f"they are not frozen: save them with collection_frozen={{{collection!r}: "
+        "jf.nothing}; or pass verify_frozen=False."
+    )
+
+
+def _freeze_differences(was: dict[str, dict], cur: dict[str, dict], what: str) -> list[str]:
     """Per path: leaves only in one, or saved with another shape, dtype, status or mask."""
-    problems = [f"{p!r}: in the checkpoint, not in the params" for p in was if p not in cur]
-    problems += [f"{p!r}: in the params, not in the checkpoint" for p in cur if p not in was]
+    problems = [f"{p!r}: in the checkpoint, not in the {what}" for p in was if p not in cur]
+    problems += [f"{p!r}: in the {what}, not in the checkpoint" for p in cur if p not in was]
     for p, e in cur.items():
         w = was.get(p)
         if w is None:
@@ -368,10 +524,10 @@ def _check_state(saved_state: list[dict], cur_state: list[dict]) -> None:
     )
 
 
-def _moved_frozen(was: dict[str, dict], params: Any) -> list[str]:
+def _moved_frozen(was: dict[str, dict], flat: Flat) -> list[str]:
     """Paths of frozen leaves, not saved, whose fingerprint differs from the manifest's."""
     check = [
-        (p, x) for p, x in Flat.of(params).entries
+        (p, x) for p, x in flat.entries
         if "fingerprint" in was.get(p, {}) and not was[p]["saved"]
         and isinstance(x, jax.Array | np.ndarray)
     ]
@@ -392,25 +548,39 @@ def save_trainable(
     opt_state: Any = None,
     *,
     frozen: FrozenSpec,
+    collections: Collections | None = None,
+    collection_frozen: Mapping[str, FrozenSpec] | None = None,
     include_frozen: bool = False,
     frozen_source: str | None = None,
     fingerprint: bool = True,
     force: bool = False,
 ) -> dict:
-    """Saves the trainable parameters and the optimizer state, with a freeze manifest.
+    """Saves the trainable parameters, the optimizer state and collections, with a manifest.
 
     Whole frozen leaves are left out (``include_frozen=False``) and recorded by
     reference: ``frozen_source`` (e.g. the path of the pretrained checkpoint) and
     a fingerprint of their values go into the manifest. Partially frozen leaves
     are saved whole. The optimizer state under :func:`jfreeze.freeze` already
-    holds nothing for frozen leaves. One orbax checkpoint with the items
-    ``manifest`` (JSON), ``params`` and ``opt_state``.
+    holds nothing for frozen leaves. ``collections`` are the other trees a
+    training state carries (a linen model's ``batch_stats``, the step, EMA
+    params), by name: each is saved like the params, its frozen leaves by
+    reference, where frozen means ``collection_frozen[name]`` if given, else
+    ``frozen`` applied to the collection's own paths (``jf.paths("backbone/**")``
+    freezes the backbone's ``batch_stats`` too). One orbax checkpoint with the
+    items ``manifest`` (JSON), ``params``, ``opt_state`` and ``collections``.
+    To save a whole Flax ``TrainState``, see ``jf.flax.save_train_state``.
 
     Args:
       directory: where to write (a new directory; ``force=True`` overwrites).
       params: the parameter tree.
       opt_state: the optimizer state, or None.
       frozen: what is frozen (anything ``frozen=`` takes).
+      collections: named trees to save beside the params, e.g.
+        ``{"batch_stats": stats}``.
+      collection_frozen: what is frozen in a collection, by its name, when it
+        is not ``frozen`` on the collection's paths: ``{"batch_stats":
+        jf.nothing}`` saves all statistics (a frozen backbone whose BatchNorm
+        still updates them in train mode).
       include_frozen: also save the frozen leaves.
       frozen_source: where the frozen weights come from, recorded as is.
       fingerprint: record a checksum of the frozen leaves' values.
@@ -422,18 +592,23 @@ def save_trainable(
     >>> import tempfile, os, jax.numpy as jnp, optax
     >>> import jfreeze as jf
     >>> params = {"backbone": jnp.ones(3), "head": jnp.zeros(2)}
+    >>> stats = {"backbone": jnp.full(3, 0.5), "head": jnp.full(2, 0.25)}
     >>> tx = jf.freeze(optax.adam(1e-3), frozen=jf.paths("backbone"))
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     d = os.path.join(tmp, "ckpt")
-    ...     manifest = jf.save_trainable(d, params, tx.init(params), frozen=jf.paths("backbone"))
-    ...     restored, state = jf.restore_trainable(d, params, tx.init(params),
-    ...                                            frozen=jf.paths("backbone"))
-    >>> restored["head"]
-    Array([0., 0.], dtype=float32)
+    ...     manifest = jf.save_trainable(d, params, tx.init(params), frozen=jf.paths("backbone"),
+    ...                                  collections={"batch_stats": stats})
+    ...     fresh = {"backbone": stats["backbone"], "head": jnp.zeros(2)}  # backbone: pretrained
+    ...     restored, state, colls = jf.restore_trainable(
+    ...         d, params, tx.init(params), frozen=jf.paths("backbone"),
+    ...         collections={"batch_stats": fresh})
+    >>> restored["head"], colls["batch_stats"]["head"]
+    (Array([0., 0.], dtype=float32), Array([0.25, 0.25], dtype=float32))
     """
     ocp = _ocp()
     manifest = freeze_manifest(
-        params, frozen=frozen, opt_state=opt_state, include_frozen=include_frozen,
+        params, frozen=frozen, opt_state=opt_state, collections=collections,
+        collection_frozen=collection_frozen, include_frozen=include_frozen,
         frozen_source=frozen_source, fingerprint=fingerprint,
     )
     flat = Flat.of(params)
@@ -446,9 +621,60 @@ def save_trainable(
         state = {f"s{i}": x for i, (_, x) in enumerate(leaves_with_paths(opt_state)[0])}
         if state:
             items["opt_state"] = ocp.args.StandardSave(state)
+    colls = {
+        f"c{c}_{i}": x
+        for c, name in enumerate(manifest["collections"])
+        for i, (x, e) in enumerate(zip(Flat.of(collections[name]).leaves,  # type: ignore[index]
+                                       manifest["collections"][name], strict=True))
+        if e["saved"]
+    }
+    if colls:
+        items["collections"] = ocp.args.StandardSave(colls)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(os.path.abspath(directory), ocp.args.Composite(**items), force=force)
     return manifest
+
+
+def _value_of(template: Any, value: Any) -> Any:
+    """A value read back, as the template's type (a Python scalar stays one)."""
+    return value if is_array(template) else type(template)(value.item())
+
+
+@dataclasses.dataclass
+class _Part:
+    """One tree to restore: its leaves, and the on-disk key of each saved path."""
+
+    item: str
+    flat: Flat
+    keys: dict[str, str]
+
+    def wanted(self) -> dict[str, Any]:
+        return {self.keys[p]: _abstract(x if is_array(x) else jnp.asarray(x))
+                for p, x in self.flat.entries if p in self.keys}
+
+    def tree(self, got: dict[str, Any]) -> Any:
+        return self.flat.unflatten([_value_of(x, got[self.item][self.keys[p]])
+                                    if p in self.keys else x for p, x in self.flat.entries])
+
+
+def _parts(manifest: dict, params: Any, opt_state: Any, collections: Collections | None,
+           where: str) -> list[_Part]:
+    """What to read (the on-disk keys p{i} / s{i} / c{c}_{i} are the positions of the
+    manifest's entries: check_manifest made sure that the paths are the same and unique)."""
+    saved_as = {e["path"]: f"p{i}" for i, e in enumerate(manifest["params"]) if e["saved"]}
+    parts = [_Part("params", Flat.of(params), saved_as)]
+    _refuse_missing(parts[0], manifest, "", where)
+    if opt_state is not None:
+        state_as = {e["path"]: f"s{i}" for i, e in enumerate(manifest["opt_state"])}
+        parts.append(_Part("opt_state", Flat.of(opt_state), state_as))
+    for c, name in enumerate(manifest.get("collections", {})):
+        if collections is None:
+            break
+        keys = {e["path"]: f"c{c}_{i}"
+                for i, e in enumerate(manifest["collections"][name]) if e["saved"]}
+        parts.append(_Part("collections", Flat.of(collections[name]), keys))
+        _refuse_missing(parts[-1], manifest, name, where)
+    return parts
 
 
 def restore_trainable(
@@ -457,27 +683,35 @@ def restore_trainable(
     opt_state: Any = None,
     *,
     frozen: FrozenSpec,
+    collections: Collections | None = None,
+    collection_frozen: Mapping[str, FrozenSpec] | None = None,
     verify_frozen: bool = True,
-) -> tuple[Any, Any]:
+) -> tuple[Any, ...]:
     """Restores a :func:`save_trainable` checkpoint into the current freeze.
 
     ``params`` gives the structure and holds the frozen leaves that were not
     saved (e.g. freshly loaded pretrained weights); the trainable and partially
     frozen leaves may be ``jax.ShapeDtypeStruct`` (they are read, with the
     sharding given there). ``opt_state`` is a template of the optimizer state
-    (``tx.init(params)`` or ``jax.eval_shape`` of it). Before anything is read,
-    the manifest is checked against the current freeze (:func:`check_manifest`):
-    a leaf frozen then and trainable now, another element mask, another
-    optimizer state, other frozen weights, each is a ``ValueError`` naming the
-    paths. Every leaf, of the params and of the optimizer state, is read back
-    by its path, never by its position: the same paths in another order
-    (NamedTuple, dataclass or Equinox fields reordered) restore into the right
-    leaves. A damaged manifest (truncated, edited, from a newer jfreeze) is a
-    ``ValueError`` naming the checkpoint. A run resumed this way continues bit
-    for bit.
+    (``tx.init(params)`` or ``jax.eval_shape`` of it). ``collections`` are
+    templates of the collections saved, by name, as ``params`` is (their frozen
+    leaves given as arrays, the rest may be shapes); every collection in the
+    checkpoint must be asked for, so none is dropped silently. Before anything
+    is read, the manifest is checked against the current freeze
+    (:func:`check_manifest`): a leaf frozen then and trainable now, another
+    element mask, another optimizer state, a missing collection, other frozen
+    weights or statistics, each is a ``ValueError`` naming the collection and
+    the paths. Every leaf, of the params, the optimizer state and the
+    collections, is read back by its path, never by its position: the same
+    paths in another order (NamedTuple, dataclass or Equinox fields reordered)
+    restore into the right leaves. A damaged manifest (truncated, edited, from
+    a newer jfreeze) is a ``ValueError`` naming the checkpoint. Checkpoints
+    written before collections existed load as before. A run resumed this way
+    continues bit for bit.
 
     Returns:
-      ``(params, opt_state)``; ``opt_state`` is None if none was given.
+      ``(params, opt_state)``; ``opt_state`` is None if none was given. With
+      ``collections=``, ``(params, opt_state, collections)``.
     """
     ocp = _ocp()
     path = os.path.abspath(directory)
@@ -488,41 +722,27 @@ def restore_trainable(
         manifest = _read_manifest(ocp, ckptr, path, where)
         try:
             check_manifest(manifest, params, frozen=frozen, opt_state=opt_state,
+                           collections=collections, collection_frozen=collection_frozen,
                            verify_frozen=verify_frozen)
+            if collections is None:
+                _check_collections(manifest, {}, as_selector(frozen), None)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         if opt_state is not None and manifest["opt_state"] is None:
             raise ValueError(f"{where}: the checkpoint holds no optimizer state")
-        # Everything is matched by path (check_manifest made sure that the paths
-        # are the same and unique); the on-disk keys p{i} / s{i} are the
-        # positions of the manifest's entries.
-        saved_as = {e["path"]: f"p{i}" for i, e in enumerate(manifest["params"]) if e["saved"]}
-        flat = Flat.of(params)
-        _refuse_missing(flat, saved_as, manifest, where)
-        target: dict[str, Any] = {}
-        wanted = {saved_as[p]: _abstract(x) for p, x in flat.entries if p in saved_as}
-        if wanted:
-            target["params"] = ocp.args.StandardRestore(wanted)
-        state_flat, state_def = [], None
-        if opt_state is not None:
-            state_flat, state_def = leaves_with_paths(opt_state)
-            state_as = {e["path"]: f"s{i}" for i, e in enumerate(manifest["opt_state"])}
-            if state_flat:
-                target["opt_state"] = ocp.args.StandardRestore(
-                    {state_as[p]: _abstract(x if is_array(x) else jnp.asarray(x))
-                     for p, x in state_flat}
-                )
-        got = ckptr.restore(path, ocp.args.Composite(**target)) if target else {}
-    params = flat.unflatten(
-        [got["params"][saved_as[p]] if p in saved_as else x for p, x in flat.entries]
-    )
-    if opt_state is None:
-        return params, None
-    new_state = []
-    for p, x in state_flat:
-        value = got["opt_state"][state_as[p]]
-        new_state.append(value if is_array(x) else type(x)(value.item()))
-    return params, jax.tree_util.tree_unflatten(state_def, new_state)
+        parts = _parts(manifest, params, opt_state, collections, where)
+        target: dict[str, dict[str, Any]] = {}
+        for part in parts:
+            target.setdefault(part.item, {}).update(part.wanted())
+        args = {k: ocp.args.StandardRestore(v) for k, v in target.items() if v}
+        got = ckptr.restore(path, ocp.args.Composite(**args)) if args else {}
+    trees = [part.tree(got) for part in parts]
+    out_params = trees.pop(0)
+    out_state = trees.pop(0) if opt_state is not None else None
+    if collections is None:
+        return out_params, out_state
+    names = list(manifest.get("collections", {}))
+    return out_params, out_state, {name: trees[names.index(name)] for name in collections}
 
 
 def _read_manifest(ocp: Any, ckptr: Any, path: str, where: str) -> Any:
@@ -535,15 +755,17 @@ def _read_manifest(ocp: Any, ckptr: Any, path: str, where: str) -> Any:
         raise ValueError(f"{where}: its manifest is not valid JSON ({e})") from None
 
 
-def _refuse_missing(flat: Flat, saved_as: dict[str, str], manifest: dict, where: str) -> None:
-    """Frozen leaves not saved must be given as arrays in ``params``."""
-    missing = [p for p, x in flat.entries
-               if p not in saved_as and not isinstance(x, jax.Array | np.ndarray)]
+def _refuse_missing(part: _Part, manifest: dict, collection: str, where: str) -> None:
+    """Frozen leaves not saved must be given as arrays in the template."""
+    missing = [p for p, x in part.flat.entries
+               if p not in part.keys and not isinstance(x, jax.Array | np.ndarray)]
     if missing:
         source = manifest.get("frozen_source")
+        of = f" of the collection {collection!r}" if collection else ""
+        given = f"collections={{{collection!r}: ...}}" if collection else "params"
         raise ValueError(
-            f"{where}: the frozen leaves at {describe_paths(missing)} are not in the "
+            f"{where}: the frozen leaves{of} at {describe_paths(missing)} are not in the "
             "checkpoint"
             + (f" (saved by reference to {source!r})" if source else "")
-            + "; pass params that hold their values."
+            + f"; pass {given} that hold their values."
         )

@@ -12,6 +12,9 @@ loads it on first use.
   frozen parameters beside the optimizer rather than in it, so the step
   differentiates the trainable ones only (the plain ``TrainState`` with
   ``tx=jf.freeze(...)`` works too).
+- :func:`save_train_state` / :func:`restore_train_state` — a whole train
+  state (either kind; ``step``, ``batch_stats``, any extra field) in a
+  trainable-only checkpoint, frozen parts by reference.
 - :func:`nnx_filter` — a jfreeze selector as an NNX filter, for
   ``nnx.Optimizer(model, tx, wrt=...)`` and ``nnx.DiffState``.
 """
@@ -30,10 +33,18 @@ from flax import nnx, struct
 from flax.training import train_state as _train_state
 
 from jfreeze._tree import describe_paths, path_str, shape_dtype, simplify
+from jfreeze.checkpoint import restore_trainable, save_trainable
 from jfreeze.forward import merge, split
 from jfreeze.selectors import FrozenSpec, Selector, as_selector
 
-__all__ = ["NNXFilter", "TrainState", "frozen", "nnx_filter"]
+__all__ = [
+    "NNXFilter",
+    "TrainState",
+    "frozen",
+    "nnx_filter",
+    "restore_train_state",
+    "save_train_state",
+]
 
 CollectionFilter = Any  # what flax takes: a name, a list/tuple of names, True
 
@@ -285,6 +296,99 @@ class TrainState(_train_state.TrainState):
         """The full parameter tree: ``trainable`` (default ``self.params``) and the frozen
         leaves."""
         return merge(self.params if trainable is None else trainable, self.frozen_params)
+
+
+_NOT_COLLECTIONS = ("params", "opt_state", "frozen_params")
+
+
+def _state_parts(state: Any) -> tuple[Any, dict[str, Any]]:
+    """The full params of a train state, and its other pytree fields by name."""
+    if not isinstance(state, _train_state.TrainState):
+        raise TypeError(
+            "expected a flax TrainState (flax.training.train_state.TrainState, "
+            f"jf.flax.TrainState or a subclass), got {type(state).__name__}"
+        )
+    params = state.merged() if isinstance(state, TrainState) else state.params
+    others = {
+        f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+        if f.metadata.get("pytree_node", True) and f.name not in _NOT_COLLECTIONS
+    }
+    return params, others
+
+
+def save_train_state(directory: Any, state: Any, *, frozen: FrozenSpec,
+                     **kwargs: Any) -> dict:
+    """Saves a Flax ``TrainState`` trainable-only: :func:`jfreeze.save_trainable` on its fields.
+
+    The params (for :class:`TrainState`, the merged tree) and the optimizer
+    state go where ``save_trainable`` puts them; every other pytree field
+    (``step``, ``batch_stats``, any field a subclass adds) is a collection, its
+    frozen leaves saved by reference: ``frozen`` applies to each by path, so the
+    ``batch_stats`` of a frozen ``backbone/**`` are frozen as its weights are.
+    ``apply_fn`` and ``tx`` are code, not saved.
+
+    Args:
+      directory: where to write.
+      state: ``flax.training.train_state.TrainState`` (or a subclass, e.g. with
+        ``batch_stats``) or :class:`TrainState`.
+      frozen: what is frozen in the params (and, by path, in the other fields).
+      **kwargs: as :func:`jfreeze.save_trainable` takes them (``collection_frozen``,
+        ``frozen_source``, ``include_frozen``, ``force``, ...).
+
+    Returns:
+      The manifest written.
+
+    >>> import os, tempfile, jax, jax.numpy as jnp, optax, flax.linen as nn
+    >>> import jfreeze as jf
+    >>> class State(jf.flax.TrainState):
+    ...     batch_stats: dict | None = None
+    >>> model = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=False)])
+    >>> v = model.init(jax.random.key(0), jnp.ones((2, 3)))
+    >>> frozen = jf.paths("layers_0/**")
+    >>> state = State.create(apply_fn=model.apply, params=v["params"], tx=optax.adam(1e-2),
+    ...                      frozen=frozen, batch_stats=v["batch_stats"])
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     m = jf.flax.save_train_state(os.path.join(tmp, "c"), state, frozen=frozen)
+    ...     back = jf.flax.restore_train_state(os.path.join(tmp, "c"), state, frozen=frozen)
+    >>> sorted(m["collections"]), back.step
+    (['batch_stats', 'step'], 0)
+    """
+    params, others = _state_parts(state)
+    return save_trainable(directory, params, state.opt_state, frozen=frozen,
+                          collections=others, **kwargs)
+
+
+def restore_train_state(directory: Any, state: Any, *, frozen: FrozenSpec,
+                        **kwargs: Any) -> Any:
+    """Restores a :func:`save_train_state` checkpoint into ``state``, a template.
+
+    ``state`` is a fresh train state of the same class: its frozen leaves
+    (params and collections, e.g. the pretrained backbone's weights and
+    ``batch_stats``) are kept, after their fingerprints are checked; everything
+    else (``step``, trainable params, optimizer state, trainable statistics) is
+    read back by path, with every check of :func:`jfreeze.restore_trainable`
+    (errors name the collection and path). A :class:`TrainState` is split
+    again by ``frozen``.
+
+    Args:
+      directory: the checkpoint.
+      state: the template (e.g. ``TrainState.create(...)`` on freshly loaded
+        pretrained weights).
+      frozen: what is frozen, as when saved.
+      **kwargs: ``collection_frozen``, ``verify_frozen``, as
+        :func:`jfreeze.restore_trainable` takes them.
+
+    Returns:
+      ``state`` with the restored fields (``state.replace(...)``).
+    """
+    params, others = _state_parts(state)
+    params, opt_state, others = restore_trainable(
+        directory, params, state.opt_state, frozen=frozen, collections=others, **kwargs)
+    if isinstance(state, TrainState):
+        trainable, frozen_params = split(params, frozen=frozen)
+        return state.replace(params=trainable, frozen_params=frozen_params,
+                             opt_state=opt_state, **others)
+    return state.replace(params=params, opt_state=opt_state, **others)
 
 
 # --------------------------------------------------------------------------
