@@ -160,8 +160,8 @@ class Summary:
             body.append(f'<tr><th colspan="8" style="text-align:left">{esc(title)}</th></tr>')
             for r, label in zip(rows, _labels(rows), strict=True):
                 style = {"frozen": "color:#777", "mixed": "font-weight:bold"}.get(r.status, "")
-                name = (f'<td style="text-align:left;padding-left:{r.level}em">'
-                        f"{esc(label.strip())}</td>")
+                name = (f'<td style="text-align:left;padding-left:{r.level}em" '
+                        f'title="{esc(r.name)}">{esc(label.strip())}</td>')
                 nums = "".join(cell.format(esc(c)) for c in self._cells(r))
                 note = f'<td style="text-align:left">{esc(r.note)}</td>'
                 body.append(f'<tr class="jf-{r.status}" style="{style}">{name}{nums}{note}</tr>')

@@ -398,7 +398,7 @@ def test_summary_html_has_the_same_rows_and_numbers():
     for r in s.rows:
         assert f"{r.params:,}</td>" in page and f"{r.frozen:,}</td>" in page
     assert page.count('<tr class="jf-frozen"') == 9 and page.count('class="jf-mixed"') == 2
-    assert "padding-left:3em\">11</td>" in page
+    assert 'padding-left:3em" title="bert/encoder/layer/11">11</td>' in page
     assert "80,540,160 params (73.6%), 307.2 MiB" in page
     weird = jf.summary({"<b>&": jnp.ones(2)})._repr_html_()  # keys are escaped
     assert "&lt;b&gt;&amp;" in weird and "<b>&" not in weird
