@@ -54,7 +54,13 @@ def _mask_hash(mask: np.ndarray) -> str:
 
 
 def _record(path: str, x: Any) -> dict[str, Any]:
-    """A leaf's manifest entry: its path, shape and dtype (a type name for non-arrays)."""
+    """A leaf's manifest entry: its path, shape and dtype (a type name for non-arrays).
+
+    A Python scalar is spelled as the array it is saved as (``int`` as ``int32``),
+    so a fresh ``TrainState``'s ``step=0`` matches the saved ``step`` array.
+    """
+    if isinstance(x, bool | int | float | complex):
+        x = jnp.asarray(x)
     return {"path": path, "shape": list(getattr(x, "shape", ())),
             "dtype": str(np.dtype(x.dtype)) if is_array(x) else type(x).__name__}
 
@@ -185,7 +191,10 @@ def _collection_masks(name: str, flat: Flat, sel: Selector,
     matches none, and neither is a typo).
     """
     if collection_frozen is not None and name in collection_frozen:
-        return as_selector(collection_frozen[name]).evaluate(flat)
+        try:
+            return as_selector(collection_frozen[name]).evaluate(flat)
+        except ValueError as e:
+            raise ValueError(f"collection_frozen[{name!r}]: {e}") from None
     if not sel.per_leaf:
         raise TypeError(
             f"frozen={sel!r} is a mask tree or mask function of the params, so it cannot say "
