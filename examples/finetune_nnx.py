@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from digits_tasks import tasks
 from flax import nnx
+from tqdm.auto import tqdm
 
 import jfreeze as jf
 
@@ -57,13 +58,14 @@ def step(model, optimizer, x, y, wrt):
     return loss, grads
 
 
-def fit(model, optimizer, wrt, data, steps, seed):
+def fit(model, optimizer, wrt, data, steps, seed, desc):
     rng = np.random.default_rng(seed)
-    for t in range(steps):
+    bar = tqdm(range(steps), desc=desc)
+    for t in bar:
         i = rng.integers(0, len(data["x_train"]), 128)
         loss, grads = step(model, optimizer, data["x_train"][i], data["y_train"][i], wrt)
-        if (t + 1) % (steps // 4) == 0:
-            print(f"  step {t + 1}/{steps}: loss {float(loss):.3f}")
+        if (t + 1) % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
     model.eval()
     return float((jnp.argmax(model(data["x_test"]), -1) == data["y_test"]).mean()), grads
 
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
     model = Classifier(nnx.Rngs(0))
     model.train()
     acc_a, _ = fit(model, nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param), nnx.Param,
-                   data["A"], steps, seed=1)
+                   data["A"], steps, seed=1, desc="pretrain A (0-4)")
     c.check(f"task A held-out accuracy {acc_a:.3f} > {threshold}", acc_a > threshold)
 
     print("a new head on task B (digits 5-9), the backbone frozen")
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
     before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model)))
     model.train()
     model.backbone.eval()  # the frozen BatchNorm normalises with its running statistics
-    acc_b, grads = fit(model, optimizer, trainable, data["B"], steps, seed=2)
+    acc_b, grads = fit(model, optimizer, trainable, data["B"], steps, seed=2,
+                        desc="new head on B (5-9)")
 
     c.check(f"task B held-out accuracy {acc_b:.3f} > {threshold} (chance 0.200)",
             acc_b > threshold)

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from digits_tasks import tasks
 from flax.training import train_state
+from tqdm.auto import tqdm
 
 import jfreeze as jf
 
@@ -64,13 +65,14 @@ def step(state, x, y):
     return state.apply_gradients(grads=grads, batch_stats=new["batch_stats"]), loss
 
 
-def fit(state, data, steps, seed):
+def fit(state, data, steps, seed, desc):
     rng = np.random.default_rng(seed)
-    for t in range(steps):
+    bar = tqdm(range(steps), desc=desc)
+    for t in bar:
         i = rng.integers(0, len(data["x_train"]), 128)
         state, loss = step(state, data["x_train"][i], data["y_train"][i])
-        if (t + 1) % (steps // 4) == 0:
-            print(f"  step {t + 1}/{steps}: loss {float(loss):.3f}")
+        if (t + 1) % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
     x, y = data["x_test"], data["y_test"]
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
                             train=False)
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
     model = Classifier()
     v = model.init(jax.random.PRNGKey(0), data["A"]["x_train"][:2], train=False)
     pretrained, acc_a = fit(new_state(model, v["params"], v["batch_stats"], optax.adam(3e-3)),
-                            data["A"], steps, seed=1)
+                            data["A"], steps, seed=1, desc="pretrain A (0-4)")
     c.check(f"task A held-out accuracy {acc_a:.3f} > {threshold}", acc_a > threshold)
 
     print("a new head on task B (digits 5-9), the backbone frozen")
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
     tx = jf.freeze(optax.adamw(1e-2, weight_decay=1e-4), frozen=FROZEN)
     state = new_state(model, params, stats, tx)
     print(jf.summary(params, frozen=FROZEN, opt_state=state.opt_state))
-    state, acc_b = fit(state, data["B"], steps, seed=2)
+    state, acc_b = fit(state, data["B"], steps, seed=2, desc="new head on B (5-9)")
 
     c.check(f"task B held-out accuracy {acc_b:.3f} > {threshold} (chance 0.200)",
             acc_b > threshold)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import optax
 from digits_tasks import accuracy, batches, init_mlp, loss_fn, pretrained_mlp, tasks
+from tqdm.auto import tqdm
 
 import jfreeze as jf
 
@@ -70,11 +71,13 @@ def main(argv=None) -> int:
 
     traces = []
     step, params, snapshots = jax.jit(make_step(tx, thaw, traces=traces)), start, {}
-    for t, (x, y) in enumerate(zip(*batches(data["B"], steps, seed=2), strict=True)):
+    bar = tqdm(zip(*batches(data["B"], steps, seed=2), strict=True), total=steps, desc="train B")
+    for t, (x, y) in enumerate(bar):
         snapshots[t] = params  # before step t's update
         params, state, metrics = step(params, state, x, y)
         if (t + 1) % (steps // 6) == 0:
-            print(f"  step {t + 1}/{steps}:", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+            tqdm.write(f"  step {t + 1}/{steps}: {shown}")
 
     c.check(f"one compilation for the whole run, thaws included ({len(traces)})", len(traces) == 1)
     thawed_at = {t1: ["layers_0", "layers_1", "layers_2"], t2: ["layers_0", "layers_1"]}

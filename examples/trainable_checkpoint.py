@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import optax
 from digits_tasks import accuracy, batches, init_mlp, loss_fn, pretrained_mlp, tasks
+from tqdm.auto import tqdm
 
 import jfreeze as jf
 
@@ -51,14 +52,15 @@ def main(argv=None) -> int:
     xs, ys = batches(data["B"], steps, seed=2)
     tmp = tempfile.TemporaryDirectory()  # removed at exit
     directory = Path(tmp.name) / f"step_{half}"
-    for t in range(steps):
+    bar = tqdm(range(steps), desc="train B (5-9)")
+    for t in bar:
         if t == half:
             manifest = jf.save_trainable(directory, params, state, frozen=FROZEN,
                                          frozen_source="pretrained on digits 0-4")
-            print(f"  saved {directory}")
+            tqdm.write(f"  saved {directory}")
         params, state, loss = step(params, state, xs[t], ys[t])
-        if (t + 1) % (steps // 4) == 0:
-            print(f"  step {t + 1}/{steps}: loss {float(loss):.3f}")
+        if (t + 1) % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
     print(f"task B (digits 5-9): held-out accuracy {accuracy(params, data['B']):.3f}")
 
     # A new process: the frozen weights come from their source, the rest is freshly initialised;

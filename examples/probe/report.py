@@ -1,9 +1,8 @@
-"""What the run shows: a progress line, the printed results, the plot."""
+"""What the run shows: the printed results and the plot (progress bars are tqdm's)."""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -11,19 +10,6 @@ import jax
 import numpy as np
 
 from .transformer import POS_KINDS
-
-
-def progress(prefix: str, i: int, n: int, t0: float, extra: str = "") -> None:
-    """A carriage-return progress line on stderr (no dependency)."""
-    if not sys.stderr.isatty() and i not in (n,) and i % max(1, n // 10):
-        return
-    frac = i / max(n, 1)
-    bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
-    el = time.time() - t0
-    eta = el / frac - el if frac > 0 else 0.0
-    end = "\n" if i >= n else ""
-    sys.stderr.write(f"\r{prefix} [{bar}] {i}/{n} {el:5.1f}s eta {eta:5.1f}s {extra}{end}")
-    sys.stderr.flush()
 
 
 def header(cfg, pc, devices: int) -> str:

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 import jfreeze as jf
 
 from .baselines import roc_auc
 from .probe import ProbeConfig, init_probe, make_probe_fns
-from .report import progress
 from .zoo import ZooConfig
 
 
@@ -105,7 +105,8 @@ def train_probe(zoo_params, labels, cfg: ZooConfig, pc: ProbeConfig, *, devices:
         evaluate(0)
     t0 = time.time()
     running = None
-    for i in range(pc.steps):
+    bar = tqdm(range(pc.steps), desc="probe", disable=not verbose)
+    for i in bar:
         key, sub = jax.random.split(key)
         probe, opt_state, loss = step(probe, opt_state, rows, row_labels, sub)
         if i % 10 == 9 or i == pc.steps - 1:
@@ -114,10 +115,10 @@ def train_probe(zoo_params, labels, cfg: ZooConfig, pc: ProbeConfig, *, devices:
             curves["step"].append(i + 1)
             curves["loss"].append(loss)
             if verbose:
-                extra = f"loss {running:.3f}"
+                shown = {"loss": f"{running:.3f}"}
                 if curves.get("test_auc"):
-                    extra += f"  held-out AUC {curves['test_auc'][-1]:.2f}"
-                progress("probe", i + 1, pc.steps, t0, extra)
+                    shown["held-out AUC"] = f"{curves['test_auc'][-1]:.2f}"
+                bar.set_postfix(shown, refresh=False)
         if eval_sets and ((i + 1) % eval_every == 0 or i == pc.steps - 1):
             evaluate(i + 1)
     report["train_seconds"] = time.time() - t0

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
-from .report import progress
 from .task import sample_batch
 from .transformer import POS_KINDS, batched_logits, init_model
 
@@ -131,12 +131,12 @@ def train_zoo(cfg: ZooConfig, *, verbose: bool = True) -> dict[str, Any]:
     s = {k: jnp.asarray(v) for k, v in settings.items()}
     key = jax.random.key(cfg.seed + 1)
     t0 = time.time()
-    for i in range(cfg.steps):
+    bar = tqdm(range(cfg.steps), desc=f"zoo of {cfg.models} models", disable=not verbose)
+    for i in bar:
         key, sub = jax.random.split(key)
         params, opt_state, loss = step(params, opt_state, jax.random.split(sub, cfg.models), s)
         if verbose and (i % 10 == 9 or i == cfg.steps - 1):
-            progress(f"zoo   {cfg.models} models", i + 1, cfg.steps, t0,
-                     f"loss {float(loss.mean()):.3f}")
+            bar.set_postfix(loss=f"{float(loss.mean()):.3f}", refresh=False)
     evaluate = make_eval(cfg)
     k1, k2 = jax.random.split(jax.random.key(cfg.seed + 2))
     return {
