@@ -39,7 +39,14 @@ from jfreeze.selectors import (
     regex,
     where,
 )
-from jfreeze.transforms import apply_updates, freeze, partition
+from jfreeze.transforms import (
+    apply_updates,
+    freeze,
+    inner_state,
+    partition,
+    schedule_free_eval_params,
+    set_inner_state,
+)
 
 __version__ = "0.1.0"
 
@@ -64,6 +71,7 @@ __all__ = [
     "freeze",
     "freeze_manifest",
     "gradual_unfreeze",
+    "inner_state",
     "labels",
     "layerwise_decay",
     "merge",
@@ -75,6 +83,8 @@ __all__ = [
     "restore_trainable",
     "save_trainable",
     "scale_by_label",
+    "schedule_free_eval_params",
+    "set_inner_state",
     "shard_stacked",
     "split",
     "stack",

@@ -25,6 +25,7 @@ __all__ = [
     "as_transform",
     "constant",
     "neg_zero",
+    "refuse_lookahead",
     "resolve_labels",
     "routed",
     "zero_updates",
@@ -40,6 +41,22 @@ def as_transform(tx: Any, what: str = "inner") -> optax.GradientTransformationEx
     if callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None)):
         return optax.GradientTransformationExtraArgs(tx.init, tx.update)
     raise TypeError(f"{what} must be an optax GradientTransformation (init/update), got {tx!r}")
+
+
+def refuse_lookahead(params: Any, who: str) -> None:
+    """A ``TypeError`` saying which way round ``optax.lookahead`` goes, if ``params``
+    are ``optax.LookaheadParams``: a jfreeze transform inside lookahead sees
+    ``params.fast`` and gradients of the same tree; outside it, the gradients are
+    shaped like ``params.fast`` but the params are ``(fast, slow)``, so no pattern
+    can name the same paths in both."""
+    if isinstance(params, optax.LookaheadParams):
+        raise TypeError(
+            f"{who} got optax.LookaheadParams (fast, slow) as params: lookahead goes outside, "
+            f"optax.lookahead({who}(...), sync_period, slow_step_size). There "
+            f"{who} sees params.fast, and its patterns are the model's paths (no 'fast/' or "
+            "'slow/' prefix). Keep every frozen bit of both halves with "
+            "jf.apply_updates(params, updates, frozen=jf.paths('*/<pattern>'))."
+        )
 
 
 def neg_zero(dtype: Any) -> Any:

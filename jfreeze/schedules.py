@@ -10,7 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jfreeze._routing import as_transform, constant, neg_zero, routed, zero_updates
+from jfreeze._routing import (
+    as_transform,
+    constant,
+    neg_zero,
+    refuse_lookahead,
+    routed,
+    zero_updates,
+)
 from jfreeze._tree import Flat, Mask, compact
 from jfreeze.selectors import Selector, as_selector
 
@@ -188,12 +195,14 @@ def gradual_unfreeze(
     inner = as_transform(inner)
 
     def init_fn(params):
+        refuse_lookahead(params, "jf.gradual_unfreeze")
         flat = Flat.of(params)
         count = jnp.zeros([], jnp.int32)
         state = _inner_tx(inner, flat, _thaw_steps(stages, flat), count, per_stage).init(params)
         return GradualUnfreezeState(count=count, inner=state)
 
     def update_fn(updates, state, params=None, **extra_args):
+        refuse_lookahead(params, "jf.gradual_unfreeze")
         flat = Flat.of(updates)
         steps = _thaw_steps(stages, flat)
         count = state.count

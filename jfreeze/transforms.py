@@ -11,11 +11,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jfreeze._routing import as_transform, constant, neg_zero, resolve_labels, routed, zero_updates
+from jfreeze._routing import (
+    FROZEN,
+    TRAIN,
+    as_transform,
+    constant,
+    neg_zero,
+    refuse_lookahead,
+    resolve_labels,
+    routed,
+    zero_updates,
+)
 from jfreeze._tree import Flat, Mask, compact, describe_paths, is_placeholder, path_str
+from jfreeze.schedules import GradualUnfreezeState
 from jfreeze.selectors import FrozenSpec, as_selector
 
-__all__ = ["apply_updates", "freeze", "partition"]
+__all__ = [
+    "apply_updates",
+    "freeze",
+    "inner_state",
+    "partition",
+    "schedule_free_eval_params",
+    "set_inner_state",
+]
 
 def _zero_elements(tree: Any, masks: list[Mask]) -> Any:
     """``jnp.where(mask, -0.0, x)`` on element-wise frozen leaves (never ``mask * x``)."""
@@ -260,10 +278,12 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
     inner = as_transform(inner)
 
     def init_fn(params):
+        refuse_lookahead(params, "jf.freeze")
         flat, masks = sel.masks(params)
         return routed(inner, masks, flat).init(params)
 
     def update_fn(updates, state, params=None, **extra_args):
+        refuse_lookahead(params, "jf.freeze")
         # like=params: a selector that answers differently on the updates (e.g. a dtype
         # test on bf16 gradients) is an error, never a leaf routed another way than at init.
         flat, masks = sel.masks(updates, like=params)
@@ -332,9 +352,11 @@ def partition(
         )
 
     def init_fn(params):
+        refuse_lookahead(params, "jf.partition")
         return make(params).init(params)
 
     def update_fn(updates, state, params=None, **extra_args):
+        refuse_lookahead(params, "jf.partition")
         extra_args = _filled_fns(extra_args, params)
         return _update_checked("jf.partition", make(updates), updates, state, params, extra_args)
 
@@ -416,3 +438,198 @@ def _select(mask: np.ndarray, p: Any, new: Any) -> jax.Array:
     uint = jnp.dtype(f"uint{8 * p.dtype.itemsize}")
     as_uint = lambda x: jax.lax.bitcast_convert_type(x, uint)  # noqa: E731
     return jax.lax.bitcast_convert_type(jnp.where(mask, as_uint(p), as_uint(new)), p.dtype)
+
+
+# --------------------------------------------------------------------------
+# Reaching into the state: the inner optimizer's state and schedule-free evaluation.
+
+
+def _inner_key(state: Any, label: Any, who: str) -> tuple[Any, Hashable]:
+    """The ``optax.PartitionState`` inside a jfreeze state, and the key of ``label``'s state."""
+    gradual = isinstance(state, GradualUnfreezeState)
+    part = state.inner if gradual else state
+    if not isinstance(part, optax.PartitionState):
+        raise TypeError(
+            f"{who} takes the state of jf.freeze, jf.partition or jf.gradual_unfreeze, got "
+            f"{type(state).__name__}. Inside a wrapper (optax.lookahead, optax.MultiSteps), "
+            "pass the wrapper's field that holds it (e.g. state.fast_state)."
+        )
+    states: Mapping[Any, Any] = part.inner_states
+    keys = list(states)
+    if label is None:
+        # jf.freeze (and jf.gradual_unfreeze): 'trainable' is the one inner state.
+        if TRAIN in keys and set(keys) <= {TRAIN, FROZEN}:
+            return part, TRAIN
+        live = [k for k in keys if not isinstance(states[k].inner_state, optax.EmptyState)]
+        if len(live) == 1:
+            return part, live[0]
+        raise ValueError(
+            f"{who}: this state holds one inner state per label ({', '.join(map(repr, keys))}); "
+            "pass the label, e.g. jf.inner_state(state, label)."
+        )
+    key = f"thaw@{label}" if gradual and isinstance(label, int) else label
+    if key not in keys:
+        raise ValueError(
+            f"{who}: no inner state for label {label!r}; labels: {', '.join(map(repr, keys))}."
+        )
+    return part, key
+
+
+def inner_state(state: Any, label: Hashable | None = None) -> Any:
+    """The state of the optimizer wrapped by :func:`freeze`, :func:`partition` or
+    :func:`jfreeze.gradual_unfreeze`, as that optimizer would hold it alone.
+
+    Use it where optax code reads an optimizer's own state: ``inject_hyperparams``'
+    ``.hyperparams["learning_rate"]`` (read it, or set it in place as optax's
+    docs do), a step count, ``optax.tree_utils.tree_get(jf.inner_state(state, label),
+    ...)`` per label. Params-shaped fields (moments, schedule-free's ``z``) hold
+    ``optax.MaskedNode()`` at the leaves routed away from this optimizer
+    (frozen, or another label). The returned object *is* the one inside
+    ``state``; for a new state with it replaced, see :func:`set_inner_state`.
+    With one inner optimizer (``jf.freeze``, ``jf.gradual_unfreeze``)
+    ``optax.tree_utils.tree_get`` / ``tree_set`` also work on the whole state.
+
+    Args:
+      state: the state of ``jf.freeze``, ``jf.partition`` or
+        ``jf.gradual_unfreeze``.
+      label: which inner optimizer: a ``jf.partition`` label; with
+        ``gradual_unfreeze(per_stage=True)`` the thaw step (an int). ``None``
+        where there is one (``jf.freeze``, ``jf.gradual_unfreeze``, a
+        ``jf.partition`` with one non-frozen label).
+
+    Returns:
+      The inner optimizer's state.
+
+    >>> import jax.numpy as jnp, optax
+    >>> import jfreeze as jf
+    >>> params = {"backbone": jnp.ones(3), "head": jnp.ones(2)}
+    >>> tx = jf.freeze(optax.inject_hyperparams(optax.adam)(learning_rate=0.1),
+    ...                frozen=jf.paths("backbone"))
+    >>> state = tx.init(params)
+    >>> jf.inner_state(state).hyperparams["learning_rate"]
+    Array(0.1, dtype=float32)
+    >>> jf.inner_state(state).hyperparams["learning_rate"] = 0.01   # as in optax
+    >>> jf.inner_state(state).inner_state[0].mu
+    {'backbone': MaskedNode(), 'head': Array([0., 0.], dtype=float32)}
+    """
+    part, key = _inner_key(state, label, "jf.inner_state")
+    return part.inner_states[key].inner_state
+
+
+def set_inner_state(state: Any, new: Any, label: Hashable | None = None) -> Any:
+    """``state`` with the inner optimizer's state (see :func:`inner_state`) replaced by ``new``.
+
+    Functional, like ``optax.tree_utils.tree_set``: ``state`` is not changed.
+    ``new`` must have the tree structure of the state it replaces (a
+    ``ValueError`` says so otherwise), e.g. the result of ``tree_set`` on it.
+
+    Args:
+      state: the state of ``jf.freeze``, ``jf.partition`` or ``jf.gradual_unfreeze``.
+      new: the new inner state.
+      label: as in :func:`inner_state`.
+
+    Returns:
+      A new state of the same structure.
+
+    >>> import jax.numpy as jnp, optax
+    >>> import jfreeze as jf
+    >>> params = {"body": jnp.ones(2), "head": jnp.ones(2)}
+    >>> adam = optax.inject_hyperparams(optax.adam)
+    >>> tx = jf.partition({"body": adam(1e-4), "head": adam(1e-2)},
+    ...                   {"body": "body", "head": "head"})
+    >>> state = tx.init(params)
+    >>> head = optax.tree_utils.tree_set(jf.inner_state(state, "head"), learning_rate=1e-3)
+    >>> state = jf.set_inner_state(state, head, "head")
+    >>> float(jf.inner_state(state, "head").hyperparams["learning_rate"])
+    0.001
+    """
+    part, key = _inner_key(state, label, "jf.set_inner_state")
+    old = part.inner_states[key]
+    before, after = jax.tree.structure(old.inner_state), jax.tree.structure(new)
+    if before != after:
+        raise ValueError(
+            f"jf.set_inner_state: the new state of label {key!r} has another tree structure "
+            f"than the one it replaces: {after} instead of {before}."
+        )
+    part = part._replace(inner_states={**part.inner_states, key: old._replace(inner_state=new)})
+    return state._replace(inner=part) if isinstance(state, GradualUnfreezeState) else part
+
+
+def schedule_free_eval_params(state: Any, params: Any, *, frozen: FrozenSpec) -> Any:
+    """``optax.contrib.schedule_free_eval_params`` through a jfreeze state.
+
+    Every ``optax.contrib.schedule_free`` state inside ``state`` (one for
+    ``jf.freeze``, one per label or stage for ``jf.partition`` and
+    ``jf.gradual_unfreeze(per_stage=True)``, also inside ``optax.MultiSteps``
+    or a chain) gives the evaluation params of the leaves it trains, computed
+    by optax's own function; every other leaf, and every ``frozen`` leaf and
+    element, is ``params``' own (the same object, or its bits selected).
+    Frozen elements must be named: the schedule-free sequence ``z`` moves
+    there under weight decay even though their update is ``-0.0``.
+
+    Args:
+      state: the state of ``jf.freeze``, ``jf.partition`` or
+        ``jf.gradual_unfreeze`` (or any optax state holding a
+        ``ScheduleFreeState``).
+      params: the current (training) params, the full tree.
+      frozen: the ``frozen=`` given to :func:`freeze` (``jf.nothing`` for a
+        ``jf.partition`` whose frozen labels are ``None``).
+
+    Returns:
+      The params to evaluate, shaped like ``params``.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import jfreeze as jf
+    >>> params = {"backbone": jnp.ones(2), "head": jnp.ones(2)}
+    >>> frozen = jf.paths("backbone")
+    >>> tx = jf.freeze(optax.contrib.schedule_free_sgd(0.5), frozen=frozen)
+    >>> state = tx.init(params)
+    >>> for _ in range(2):
+    ...     updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    ...     params = jf.apply_updates(params, updates, frozen=frozen)
+    >>> jf.schedule_free_eval_params(state, params, frozen=frozen)
+    {'backbone': Array([1., 1.], dtype=float32), 'head': Array([0.25, 0.25], dtype=float32)}
+    """
+    who = "jf.schedule_free_eval_params"
+    flat, masks = as_selector(frozen).masks(params)
+    found = optax.tree_utils.tree_get_all_with_path(state, "ScheduleFreeState")
+    if not found:
+        raise ValueError(
+            f"{who}: the state holds no optax.contrib.schedule_free state (ScheduleFreeState); "
+            f"got {type(state).__name__}."
+        )
+    out: list[Any] = list(flat.leaves)
+    owner: list[str | None] = [None] * len(out)
+    for where_, sf in found:
+        for i, x in _eval_leaves(flat, sf, who):
+            here = jax.tree_util.keystr(where_)
+            if owner[i] is not None:
+                raise ValueError(f"{who}: two schedule-free states train the leaf at path "
+                                 f"{flat.paths[i]!r}: {owner[i]} and {here}.")
+            owner[i], out[i] = here, x
+    for i, ((_, p), m) in enumerate(zip(flat.entries, masks, strict=True)):
+        if m is True:
+            out[i] = p
+        elif m is not False:
+            out[i] = _select(compact(m), p, out[i])
+    return flat.unflatten(out)
+
+
+def _eval_leaves(flat: Flat, sf: Any, who: str) -> list[tuple[int, Any]]:
+    """``(leaf index, eval value)`` for the leaves one schedule-free state trains."""
+    try:
+        z = flat.treedef.flatten_up_to(sf.z)
+    except (ValueError, TypeError):
+        have, want = _paths_and_holes(sf.z), _paths_and_holes(flat.tree)
+        raise ValueError(
+            f"{who}: the params do not have the structure of the state's z; paths only in the "
+            f"params: {describe_paths(sorted(want - have)) or 'none'}; only in the state: "
+            f"{describe_paths(sorted(have - want)) or 'none'}."
+        ) from None
+    # optax's own function, on the params with MaskedNode where z has one.
+    sub = [s if is_placeholder(s) else (optax.MaskedNode() if is_placeholder(zi) else s)
+           for s, zi in zip(flat.slots, z, strict=True)]
+    ev = flat.treedef.flatten_up_to(optax.contrib.schedule_free_eval_params(
+        sf, flat.treedef.unflatten(sub)))
+    real = [i for i, s in enumerate(flat.slots) if not is_placeholder(s)]
+    return [(n, ev[i]) for n, i in enumerate(real) if not is_placeholder(ev[i])]
