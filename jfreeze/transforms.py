@@ -227,7 +227,19 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
     ``optax.apply_if_finite(jf.freeze(...))`` checks the frozen gradients too,
     so one NaN frozen gradient skips every step. Write ``jf.freeze(
     optax.chain(...))``, ``jf.freeze(optax.MultiSteps(...))``,
-    ``jf.freeze(optax.apply_if_finite(...))``.
+    ``jf.freeze(optax.apply_if_finite(...))``. The one wrapper that goes
+    outside is ``optax.lookahead``, whose params are ``LookaheadParams(fast,
+    slow)`` while its gradients are shaped like ``fast``: write
+    ``optax.lookahead(jf.freeze(...), ...)`` (``jf.freeze`` then sees
+    ``params.fast``, with the model's paths) and apply with
+    ``jf.apply_updates(params, updates, frozen=jf.paths("*/<pattern>"))``;
+    the other way round is a ``TypeError`` saying so.
+
+    **The inner state.** :func:`inner_state` gives the wrapped optimizer's
+    state (``inject_hyperparams``' learning rate, a step count),
+    :func:`set_inner_state` replaces it, and
+    :func:`schedule_free_eval_params` computes schedule-free's evaluation
+    params with the frozen leaves passed through.
 
     **Element-wise freezing and whole-leaf statistics.** A partly frozen leaf
     still reaches ``inner`` whole (frozen entries' gradients are zeroed, their
