@@ -188,7 +188,8 @@ def _collection_masks(name: str, flat: Flat, sel: Selector,
     A selector given for the collection is strict (it was written for it);
     ``frozen=`` is not (it was written for the params, and was checked there:
     ``backbone/**`` matches the backbone's statistics, a pattern naming a kernel
-    matches none, and neither is a typo).
+    matches none, and neither is a typo), and never freezes a collection that
+    is a single leaf (its path is ``''``, no params path).
     """
     if collection_frozen is not None and name in collection_frozen:
         try:
@@ -201,7 +202,9 @@ def _collection_masks(name: str, flat: Flat, sel: Selector,
             f"what is frozen in the collection {name!r}: pass collection_frozen={{{name!r}: "
             "...}} (a selector such as jf.paths('backbone/**'), or jf.nothing to save it all)."
         )
-    return [simplify(sel.leaf_mask(p, shape_dtype(x))) for p, x in flat.entries]
+    # A collection that is one leaf (a TrainState's step) has no params path: the
+    # params' frozen= (say ~jf.paths("head/**"), which matches '') does not freeze it.
+    return [p != "" and simplify(sel.leaf_mask(p, shape_dtype(x))) for p, x in flat.entries]
 
 
 def _check_collection_args(collections: Any, collection_frozen: Any) -> None:

@@ -331,3 +331,14 @@ def test_collection_argument_errors(tmp_path):
         jf.freeze_manifest(params, frozen=FROZEN, collections=[_tree(0.0)])
     with pytest.raises(TypeError, match=r"jf.flax.TrainState or a subclass"):
         jf.flax.save_train_state(tmp_path / "c", params, frozen=FROZEN)
+
+
+def test_a_complement_selector_does_not_freeze_the_step(tmp_path):
+    """~jf.paths("head/**") matches the path '' too; the step (one leaf) is still saved."""
+    s3 = _train(_flax_step, _flax_state(0), range(3))
+    frozen = ~jf.paths("head/**")
+    m = jf.flax.save_train_state(tmp_path / "c", s3, frozen=frozen)
+    assert m["collections"]["step"] == [{"path": "", "shape": [], "dtype": "int32",
+                                         "status": "trainable", "saved": True}]
+    back = jf.flax.restore_train_state(tmp_path / "c", _flax_state(1), frozen=frozen)
+    assert int(back.step) == 3

@@ -1,7 +1,8 @@
 """Property tests of jf.save_trainable / jf.restore_trainable / jf.check_manifest.
 
 The classes of bug they cover: leaves restored by position instead of path
-(records whose fields are declared in another order when restoring), frozen
+(records whose fields are declared in another order when restoring; params,
+optimizer state and collections alike), frozen
 leaves fingerprinted by value instead of bits (every dtype, odd bit patterns),
 and damaged manifests reaching the user as raw ``KeyError``/``TypeError``/
 ``JSONDecodeError`` instead of a ``ValueError`` naming the checkpoint.
@@ -144,21 +145,30 @@ def test_restore_reads_every_leaf_back_by_path_with_every_bit(case, seed):
     rng = np.random.default_rng(seed)
     state = (jnp.int32(seed), build(skeleton, lambda p, x: jnp.asarray(
         rng.permutation(x.reshape(-1)).reshape(x.shape)), restoring=False))
+    # A collection (batch_stats, say) on the same paths: frozen where the params are.
+    stats = build(skeleton, lambda p, x: jnp.asarray(x[::-1] if x.ndim else x), restoring=False)
     with tempfile.TemporaryDirectory() as tmp:
-        jf.save_trainable(os.path.join(tmp, "c"), params, state, frozen=frozen)
+        jf.save_trainable(os.path.join(tmp, "c"), params, state, frozen=frozen,
+                          collections={"stats": stats, "step": seed})
         # Another process after a refactor: the same paths in another field order;
         # frozen leaves from their source, the rest only shapes.
         fresh = lambda p, x: jnp.asarray(x) if p in frozen_paths else jax.ShapeDtypeStruct(
             x.shape, x.dtype)
         template = build(skeleton, fresh, restoring=True)
+        stats_template = build(skeleton, lambda p, x: fresh(p, x[::-1] if x.ndim else x),
+                               restoring=True)
         state_template = (jnp.int32(0), build(skeleton, lambda p, x: jnp.zeros_like(x),
                                                restoring=True))
-        got, got_state = jf.restore_trainable(os.path.join(tmp, "c"), template, state_template,
-                                              frozen=frozen)
+        got, got_state, colls = jf.restore_trainable(
+            os.path.join(tmp, "c"), template, state_template, frozen=frozen,
+            collections={"stats": stats_template, "step": 0})
     assert jax.tree.structure(got) == jax.tree.structure(build(
         skeleton, lambda p, x: 0, restoring=True))
     assert_same_bits_by_path(got, params)
     assert_same_bits_by_path(got_state, state)
+    assert jax.tree.structure(colls["stats"]) == jax.tree.structure(got)
+    assert_same_bits_by_path(colls["stats"], stats)
+    assert colls["step"] == seed and type(colls["step"]) is int
 
 
 # --------------------------------------------------------------------------
@@ -251,6 +261,11 @@ def _params():
 FROZEN = jf.paths("emb") | jf.elements("head/w", np.s_[:, 0])
 
 
+def _stats(params):
+    """A collection on the params' paths: 'emb' frozen (by reference), 'head/w' partial."""
+    return {"stats": jax.tree.map(lambda x: x * 2, params)}
+
+
 def _state(params):
     return {"count": jnp.int32(7), "mu": jax.tree.map(lambda x: x + 1, params)}
 
@@ -259,7 +274,8 @@ def _state(params):
 def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("damaged") / "c"
     params = _params()
-    manifest = jf.save_trainable(directory, params, _state(params), frozen=FROZEN)
+    manifest = jf.save_trainable(directory, params, _state(params), frozen=FROZEN,
+                                 collections=_stats(params))
     return directory, manifest
 
 
@@ -274,7 +290,8 @@ def test_check_manifest_on_a_damaged_manifest_is_a_value_error(checkpoint, data)
         return  # restore_trainable's business (next test)
     params = _params()
     with contextlib.suppress(ValueError):
-        jf.check_manifest(m, params, frozen=FROZEN, opt_state=_state(params))
+        jf.check_manifest(m, params, frozen=FROZEN, opt_state=_state(params),
+                          collections=_stats(params))
 
 
 @property_settings(20, shrink=False)
@@ -292,10 +309,13 @@ def test_restore_from_a_damaged_manifest_names_the_checkpoint_or_restores_exactl
         template = {**jax.tree.map(jnp.zeros_like, params), "emb": params["emb"]}
         state = _state(template)
         try:
-            got, got_state = jf.restore_trainable(copy, template, state, frozen=FROZEN)
+            stats = {"stats": {**_stats(template)["stats"], "emb": _stats(params)["stats"]["emb"]}}
+            got, got_state, colls = jf.restore_trainable(copy, template, state, frozen=FROZEN,
+                                                         collections=stats)
         except ValueError as e:
             assert copy in str(e)
             return
     # A harmless damage (a free-text field, say): the values are still exactly those saved.
     assert_same_bits_by_path(got, params)
     assert_same_bits_by_path(got_state, _state(params))
+    assert_same_bits_by_path(colls, _stats(params))
