@@ -22,7 +22,7 @@ from jfreeze._routing import (
     routed,
     zero_updates,
 )
-from jfreeze._tree import Flat, Mask, compact, describe_paths, is_placeholder, path_str
+from jfreeze._tree import Flat, Mask, compact, describe_paths, is_array, is_placeholder, path_str
 from jfreeze.schedules import GradualUnfreezeState
 from jfreeze.selectors import FrozenSpec, as_selector
 
@@ -389,8 +389,9 @@ def apply_updates(params: Any, updates: Any, *, frozen: FrozenSpec) -> Any:
     objects; their update may be anything, ``None`` or ``float0`` included),
     element-wise frozen entries are selected with ``jnp.where(mask, p, p + u)``,
     and trainable leaves are computed by ``optax.apply_updates`` itself, so
-    they are exactly what it gives. Use the ``frozen=`` given to
-    :func:`freeze`.
+    they are exactly what it gives. Leaves that are not arrays and get no update
+    (an Equinox module's activation functions) are kept, as in
+    ``eqx.apply_updates``. Use the ``frozen=`` given to :func:`freeze`.
 
     Args:
       params: the parameter tree.
@@ -428,8 +429,8 @@ def apply_updates(params: Any, updates: Any, *, frozen: FrozenSpec) -> Any:
     ups = [u for x, u in zip(flat.slots, slots, strict=True) if not is_placeholder(x)]
     out = []
     for (path, p), u, m in zip(flat.entries, ups, masks, strict=True):
-        if m is True:
-            out.append(p)
+        if m is True or (u is None and not is_array(p)):
+            out.append(p)  # frozen, or not an array (an Equinox activation): kept as is
             continue
         if u is None or getattr(u, "dtype", None) == jax.dtypes.float0:
             raise ValueError(

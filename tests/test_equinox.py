@@ -200,3 +200,21 @@ def test_summary_of_an_unfiltered_model_counts_arrays_only():
     assert s.total == sum(x.size for x in jax.tree.leaves(arrays))
     assert s.frozen == sum(x.size for x in jax.tree.leaves(arrays.layers[0]))
     assert "activation" not in str(s)
+
+
+def test_apply_updates_on_a_whole_model_keeps_its_non_array_leaves():
+    # eqx.apply_updates' habit: updates built for the arrays (None at the activations)
+    # apply to the whole module, activations kept as they are.
+    model = mlp()
+    sel = jf.paths("layers/0/**")
+    tx = jf.freeze(optax.adam(1e-2), frozen=sel)
+    params = eqx.filter(model, eqx.is_array)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    new = jf.apply_updates(model, updates, frozen=sel)
+    assert new.activation is model.activation
+    jf.assert_frozen(params, eqx.filter(new, eqx.is_array), frozen=sel)
+    assert not bits_equal_leaf(new.layers[1].weight, model.layers[1].weight)
+
+
+def bits_equal_leaf(a, b):
+    return bool((bits(a) == bits(b)).all())
