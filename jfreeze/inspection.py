@@ -20,9 +20,16 @@ __all__ = ["Row", "Summary", "assert_frozen", "summary"]
 MAX_ROWS = 40
 
 
+def _itemsize(x: Any) -> int:
+    """Bytes per element: of the dtype (PRNG key dtypes included: ``key<fry>`` is
+    8), or of the array JAX makes of a Python number (``1.0`` is float32)."""
+    dtype = x.dtype if is_array(x) else jax.dtypes.result_type(x)
+    return int(dtype.itemsize)
+
+
 def _nbytes(x: Any) -> int:
-    if is_array(x):
-        return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    if _is_param(x):
+        return _size(x) * _itemsize(x)
     return 0
 
 
@@ -291,7 +298,7 @@ def summary(
         state_bytes = sum(_nbytes(x) for x in jax.tree.leaves(opt_state))
     tot = root.row
     return Summary(
-        rows=_layout(root, depth, max_rows) + list(label_rows.values()),
+        rows=_layout(root, depth, max_rows) + label_rows,
         total=tot.params,
         trainable=tot.trainable,
         frozen=tot.frozen,
@@ -336,10 +343,10 @@ class _Node:
 
 def _count(
     entries: list[tuple[str, Any]], masks: list[Mask], label_of: list[Any]
-) -> tuple[_Node, dict[str, Row], int]:
+) -> tuple[_Node, list[Row], int]:
     """The path tree of the parameter leaves with counts, the label rows, frozen bytes."""
     root = _Node(Row("module", ""))
-    labels: dict[str, Row] = {}
+    labels: dict[Any, Row] = {}
     frozen_bytes = 0
     for (path, x), m, label in zip(entries, masks, label_of, strict=True):
         if not _is_param(x):
@@ -347,7 +354,7 @@ def _count(
         n = _size(x)
         nf = n if m is True else 0 if m is False else int(np.sum(np.broadcast_to(m, np.shape(x))))
         b = _nbytes(x)
-        frozen_bytes += b if m is True else 0 if m is False else nf * np.dtype(x.dtype).itemsize
+        frozen_bytes += b if m is True else 0 if m is False else nf * _itemsize(x)
         node, rows = root, [root.row]
         segments = path.split("/") if path else ["(root)"]
         for i, seg in enumerate(segments):
@@ -357,14 +364,18 @@ def _count(
         node.is_leaf = True
         if 0 < nf < n:
             node.row.note = f"{nf:,} of {n:,} elements frozen"
-        if label is not None:
-            rows.append(labels.setdefault(str(label), Row("label", str(label))))
+        if label is not None:  # 1, True and "1" are three labels to optax
+            rows.append(labels.setdefault((type(label), label), Row("label", str(label))))
         for r in rows:
             r.leaves += 1
             r.params += n
             r.frozen += nf
             r.bytes += b
-    return root, labels, frozen_bytes
+    spelled = collections.Counter(r.name for r in labels.values())
+    for (_, label), r in labels.items():  # two labels spelled alike: show their reprs
+        if spelled[r.name] > 1:
+            r.name = repr(label)
+    return root, list(labels.values()), frozen_bytes
 
 
 def _chain(node: _Node) -> _Node:
