@@ -35,7 +35,7 @@ from flax.training import train_state as _train_state
 from jfreeze._tree import describe_paths, path_str, shape_dtype, simplify
 from jfreeze.checkpoint import restore_trainable, save_trainable
 from jfreeze.forward import merge, split
-from jfreeze.selectors import FrozenSpec, Selector, as_selector
+from jfreeze.selectors import FrozenSpec, Selector, as_selector, checked_leaf_mask
 
 __all__ = [
     "NNXFilter",
@@ -422,7 +422,7 @@ class NNXFilter:
 
     def __call__(self, path: tuple, value: Any) -> bool:
         p = path_str(path)
-        m = simplify(self.selector.leaf_mask(p, shape_dtype(_value(value))))
+        m = simplify(checked_leaf_mask(self.selector, p, shape_dtype(_value(value))))
         if not isinstance(m, bool):
             raise ValueError(
                 f"jf.flax.nnx_filter({self.selector!r}) selects only some elements of the "
@@ -492,13 +492,7 @@ def _check_on_model(filt: NNXFilter, model: Any) -> None:
     selector = filt.selector
     flat = nnx.to_flat_state(nnx.state(model))
     for p, v in flat:
-        try:
-            filt(p, v)
-        except NotImplementedError:
-            raise TypeError(
-                f"jf.flax.nnx_filter({selector!r}): a part of this selector has no per-leaf "
-                "answer (leaf_mask); an NNX filter sees one variable at a time."
-            ) from None
+        filt(p, v)  # a part without leaf_mask, or a bad answer: a TypeError naming the path
     # A flat dict keyed by the path strings spells every path exactly as the
     # NNX filter does, so strictness is checked on the same strings.
     by_path = {path_str(p): shape_dtype(_value(v)) for p, v in flat}

@@ -167,8 +167,9 @@ class Selector:
     **Writing a selector.** Subclass it as a frozen dataclass (hashable, compared
     by value) and implement :meth:`leaf_mask`, the one extension point: it
     receives a leaf's path string and its ``jax.ShapeDtypeStruct`` and returns a
-    :data:`Mask` (``True``/``False``, or a bool array of the leaf's shape). The
-    combinators, strict-pattern checks and every transform then work with it:
+    :data:`Mask` (``True``/``False``, or a bool array broadcastable to the leaf's
+    shape; anything else, ``None`` or a number included, is an error naming the
+    path). The combinators, strict-pattern checks and every transform then work with it:
 
     >>> import dataclasses
     >>> import jax.numpy as jnp
@@ -202,11 +203,14 @@ class Selector:
           leaf: a ``jax.ShapeDtypeStruct`` for arrays (the leaf as is otherwise):
             shape and dtype only, never values.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement leaf_mask")
+        raise TypeError(
+            f"{type(self).__name__} does not implement leaf_mask (asked about path "
+            f"{path!r}); a Selector subclass answers one leaf at a time through it."
+        )
 
     def _masks(self, flat: Flat) -> list[Mask]:
         # The one evaluation path: per leaf, unless a subclass needs the whole tree.
-        return [self.leaf_mask(p, shape_dtype(x)) for p, x in flat.entries]
+        return [checked_leaf_mask(self, p, shape_dtype(x)) for p, x in flat.entries]
 
     def _strict_patterns(self) -> Iterator[tuple[str, re.Pattern | Glob, str]]:
         return iter(())
@@ -253,8 +257,27 @@ class Selector:
     def __sub__(self, other: FrozenSpec) -> Selector:
         return _Combined.of("&", self, ~as_selector(other))
 
+    # A mask (bool, mask tree, mask function) on the left: `True | sel`, `{...} - sel`.
+    def __ror__(self, other: FrozenSpec) -> Selector:
+        return _Combined.of("|", as_selector(other), self)
+
+    def __rand__(self, other: FrozenSpec) -> Selector:
+        return _Combined.of("&", as_selector(other), self)
+
+    def __rsub__(self, other: FrozenSpec) -> Selector:
+        return _Combined.of("&", as_selector(other), ~self)
+
     def __invert__(self) -> Selector:
+        if isinstance(self, _Combined) and self.op == "~":
+            return self.parts[0]  # ~~a is a
         return _Combined.of("~", self)
+
+
+def checked_leaf_mask(sel: Selector, path: str, leaf: Any) -> Mask:
+    """``sel.leaf_mask(path, leaf)``, its answer checked: ``True``/``False`` or a
+    bool array broadcast to the leaf's shape; anything else (``None``, a number, a
+    float array, an array of another shape) is an error naming the path."""
+    return _bool_mask(sel.leaf_mask(path, leaf), leaf, f"{sel!r} at path {path!r}")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -305,11 +328,17 @@ class _Where(Selector):
             with jax.ensure_compile_time_eval():
                 out = self.predicate(path, leaf)
         except Exception as e:
+            seen = (
+                "a jax.ShapeDtypeStruct: it may use the path, shape and dtype, never the values"
+                if is_array(leaf) else
+                f"not an array but the leaf itself, here a {type(leaf).__name__} (filter the "
+                "tree to arrays first, e.g. eqx.filter(model, eqx.is_array), or test "
+                "isinstance(leaf, jax.ShapeDtypeStruct))"
+            )
             raise TypeError(
                 f"jf.where({_name(self.predicate)}) failed at path {path!r}: "
-                f"{type(e).__name__}: {e}. The predicate receives (path, leaf) where "
-                "leaf is a jax.ShapeDtypeStruct: it may use the path, shape and dtype, "
-                "never the values."
+                f"{type(e).__name__}: {e}. The predicate receives (path, leaf); this "
+                f"leaf is {seen}."
             ) from e
         return _bool_mask(out, leaf, f"jf.where({_name(self.predicate)}) at path {path!r}")
 
@@ -343,8 +372,8 @@ def _to_numpy(x: Any) -> Any:
     if isinstance(x, jax.Array) and not isinstance(x, Tracer):
         x = np.asarray(x)
     elif isinstance(x, list):
-        try:
-            x = np.asarray(x)
+        try:  # [] selects nothing, as x[[]] does in NumPy (not a float64 array)
+            x = np.asarray(x) if x else np.zeros(0, np.intp)
         except ValueError:  # ragged: reported as "a list" when evaluated
             return x
     if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.integer):
@@ -636,7 +665,12 @@ def regex(pattern: str, *, strict: bool = True) -> Selector:
     >>> jf.regex(r"layers_[0-3]/.*")(params)
     {'layers_0': {'w': True}, 'layers_7': {'w': False}}
     """
-    _compile_regex(pattern)  # fail now on a malformed expression
+    if not isinstance(pattern, str):
+        raise TypeError(f"jf.regex takes a string, got {pattern!r}")
+    try:
+        _compile_regex(pattern)  # fail now on a malformed expression
+    except re.error as e:
+        raise ValueError(f"jf.regex({pattern!r}) is not a regular expression: {e}") from None
     return _Regex(pattern, strict)
 
 
@@ -644,11 +678,13 @@ def where(predicate: Callable[[str, Any], Any]) -> Selector:
     """Leaves (or elements) for which ``predicate(path, leaf)`` is true.
 
     ``leaf`` is a ``jax.ShapeDtypeStruct``: the predicate may use the path, shape
-    and dtype but never values. It returns a bool, or a bool array (NumPy or
-    jax) broadcastable to the leaf to select elements; anything else (``None``
-    from a forgotten ``return``, an int, a float array) is a ``TypeError``
-    naming the path. It runs outside any trace, so ``jnp`` code on the shape
-    works under ``jax.jit``.
+    and dtype but never values. (A leaf that is not an array, such as an
+    unfiltered Equinox module's activation function, is passed as it is.)
+    It returns a bool, or a bool array (NumPy or jax) broadcastable to the
+    leaf to select elements; anything else (``None`` from a forgotten
+    ``return``, an int, a float array) is a ``TypeError`` naming the path.
+    It runs outside any trace, so ``jnp`` code on the shape works under
+    ``jax.jit``.
 
     A predicate on the dtype sees the updates' dtype when an optimizer
     evaluates it on gradients: with f32 params and bf16 gradients it may answer
