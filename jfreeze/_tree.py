@@ -33,6 +33,7 @@ __all__ = [
     "Flat",
     "Mask",
     "broadcast_prefix",
+    "call_or_tree",
     "check_unique_paths",
     "closest",
     "compact",
@@ -309,6 +310,20 @@ def broadcast_prefix(
             )
         out.extend([value] * len(leaves))
     return out
+
+
+def call_or_tree(spec: Any, tree: Any) -> Any:
+    """``spec(tree)`` for a label / mask *function*, ``spec`` for a tree.
+
+    A callable pytree node is a tree, not a function: an Equinox module is
+    callable, so a label tree of an Equinox model must not be called on it.
+
+    >>> call_or_tree(lambda t: {"a": "x"}, {"a": 1.0}), call_or_tree({"a": "y"}, {"a": 1.0})
+    ({'a': 'x'}, {'a': 'y'})
+    """
+    if callable(spec) and jtu.treedef_is_leaf(jtu.tree_structure(spec)):
+        return spec(tree)
+    return spec
 
 
 def _mismatch(prefix: Any, tree: Any, what: str, is_hole: Callable[[Any], bool]) -> str:

@@ -11,7 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfreeze._tree import Flat, Mask, broadcast_prefix, describe_paths, is_array, is_placeholder
+from jfreeze._tree import (
+    Flat,
+    Mask,
+    broadcast_prefix,
+    call_or_tree,
+    describe_paths,
+    is_array,
+    is_placeholder,
+)
 from jfreeze.selectors import FrozenSpec, as_selector, nothing
 
 __all__ = ["Row", "Summary", "assert_frozen", "summary"]
@@ -287,7 +295,7 @@ def summary(
     sel = nothing if frozen is None else as_selector(frozen)
     flat, masks = sel.masks(params)
     if labels is not None:
-        spec = labels(params) if callable(labels) else labels
+        spec = call_or_tree(labels, params)  # an Equinox label tree is callable
         label_of = broadcast_prefix(spec, params, what="label tree", is_hole=is_placeholder)
     else:
         label_of = [None] * len(flat.entries)
