@@ -39,6 +39,7 @@ __all__ = [
     "compact",
     "describe_paths",
     "is_array",
+    "is_function",
     "is_placeholder",
     "leaves_with_paths",
     "mask_and",
@@ -321,9 +322,16 @@ def call_or_tree(spec: Any, tree: Any) -> Any:
     >>> call_or_tree(lambda t: {"a": "x"}, {"a": 1.0}), call_or_tree({"a": "y"}, {"a": 1.0})
     ({'a': 'x'}, {'a': 'y'})
     """
-    if callable(spec) and jtu.treedef_is_leaf(jtu.tree_structure(spec)):
-        return spec(tree)
-    return spec
+    return spec(tree) if is_function(spec) else spec
+
+
+def is_function(spec: Any) -> bool:
+    """Callable and not a pytree with leaves (an Equinox module is a tree;
+    ``jax.tree_util.Partial(f)`` without arguments is a function)."""
+    if not callable(spec):
+        return False
+    treedef = jtu.tree_structure(spec)
+    return jtu.treedef_is_leaf(treedef) or treedef.num_leaves == 0
 
 
 def _mismatch(prefix: Any, tree: Any, what: str, is_hole: Callable[[Any], bool]) -> str:

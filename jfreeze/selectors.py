@@ -27,9 +27,11 @@ from jfreeze._tree import (
     Flat,
     Mask,
     broadcast_prefix,
+    call_or_tree,
     closest,
     describe_paths,
     is_array,
+    is_function,
     is_placeholder,
     mask_and,
     mask_not,
@@ -124,9 +126,10 @@ def _check_strict(sel: Selector, flat: Flat) -> None:
     for label, compiled, spelled in sel._strict_patterns():
         if not any(compiled.fullmatch(p) for p in all_paths):
             near = closest(spelled, all_paths)
+            hint = f"Closest paths: {describe_paths(near)}." if near else "The tree has no leaves."
             raise ValueError(
-                f"{label} matches no leaf of the tree. Closest paths: "
-                f"{describe_paths(near)}. Paths are '/'-joined keys (see "
+                f"{label} matches no leaf of the tree. {hint} "
+                "Paths are '/'-joined keys (see "
                 "jf.summary(params)); pass strict=False to allow a pattern that "
                 "matches nothing."
             )
@@ -564,10 +567,8 @@ class _MaskTree(Selector):
     spec: Any
 
     def _masks(self, flat):
-        spec = self.spec
-        if callable(spec):
-            with jax.ensure_compile_time_eval():  # shape-only jnp code stays concrete
-                spec = spec(flat.tree)
+        with jax.ensure_compile_time_eval():  # shape-only jnp code stays concrete
+            spec = call_or_tree(self.spec, flat.tree)  # an Equinox mask tree is callable
         values = broadcast_prefix(spec, flat.tree, what="mask", is_hole=is_placeholder)
         return [
             _bool_mask(m, shape_dtype(x), f"mask at path {p!r}")
@@ -586,11 +587,11 @@ class _MaskTree(Selector):
         )
 
     def __post_init__(self):
-        if not callable(self.spec):  # concrete jax arrays as NumPy: hashable by value
+        if not is_function(self.spec):  # concrete jax arrays as NumPy: hashable by value
             object.__setattr__(self, "spec", jax.tree.map(_to_numpy, self.spec))
 
     def _key(self):
-        if callable(self.spec):
+        if is_function(self.spec):
             return ("fn", self.spec)
         leaves, treedef = jax.tree_util.tree_flatten(self.spec)
         return ("tree", treedef, tuple(map(_freeze_index, leaves)))
@@ -606,7 +607,7 @@ class _MaskTree(Selector):
             return id(self.spec)
 
     def __repr__(self):
-        return f"mask({_name(self.spec) if callable(self.spec) else self.spec!r})"
+        return f"mask({_name(self.spec) if is_function(self.spec) else self.spec!r})"
 
 
 # --------------------------------------------------------------------------

@@ -209,3 +209,25 @@ def test_partition_takes_an_equinox_label_tree_which_is_callable():
 
     mlp, _, label_tree = _eqx_mlp_and_label_tree()
     jf.partition({"a": optax.sgd(1.0), "b": None}, label_tree).init(mlp)
+
+
+def test_an_equinox_mask_tree_is_a_tree_not_a_mask_function():
+    # The Equinox recipe: jax.tree.map(lambda _: False, model) + eqx.tree_at(..., True).
+    eqx = pytest.importorskip("equinox")
+    import optax
+
+    mlp, _, _ = _eqx_mlp_and_label_tree()
+    mask = eqx.tree_at(lambda m: m.layers[0].weight, jax.tree.map(lambda _: False, mlp), True)
+    sel = jf.as_selector(mask)
+    assert sel(mlp).layers[0].weight is True and sel(mlp).layers[0].bias is False
+    assert jf.summary(mlp, frozen=mask).frozen == 8
+    tx = jf.freeze(optax.sgd(1.0), frozen=mask)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, mlp), tx.init(mlp), mlp)
+    assert not np.any(np.asarray(updates.layers[0].weight))
+    assert np.all(np.asarray(updates.layers[1].weight) == -1)
+    assert sel == jf.as_selector(mask) and hash(sel) == hash(jf.as_selector(mask))
+
+
+def test_a_strict_pattern_on_an_empty_tree_says_the_tree_is_empty():
+    with pytest.raises(ValueError, match=r"jf.paths\('a'\) matches no leaf.*has no leaves"):
+        jf.paths("a")({})
