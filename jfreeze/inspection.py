@@ -201,7 +201,7 @@ def _labels(rows: list[Row]) -> list[str]:
         parent = enclosing[-1] if enclosing else ""
         rel = r.name[len(parent) + 1:] if parent and r.name.startswith(parent + "/") else r.name
         enclosing.append(r.name)
-        out.append("  " * r.level + rel)
+        out.append("  " * r.level + (rel or "''"))  # an empty key is shown as ''"
     return out
 
 
@@ -507,26 +507,46 @@ def assert_frozen(
             "jf.assert_frozen: before and after have different structures"
             + (f" (paths only in one: {describe_paths(odd)})" if odd else "")
         )
-    moved = []
-    for (path, a), (_, b), m in zip(fb.entries, fa.entries, masks, strict=True):
-        if m is False:
-            continue
-        a, b = np.asarray(a), np.asarray(b)
-        if a.shape != b.shape or a.dtype != b.dtype:
-            moved.append(f"{path!r} (was {a.dtype}{list(a.shape)}, now {b.dtype}{list(b.shape)})")
-            continue
-        bits_a, bits_b = _bit_view(a), _bit_view(b)
-        same = (bits_a == bits_b).all(-1) if compare == "bits" else _same_values(a, b)
-        changed = ~same & (True if m is True else np.broadcast_to(m, a.shape))
-        k = int(np.sum(changed))
-        if k:
-            n = a.size if m is True else int(np.sum(np.broadcast_to(m, a.shape)))
-            i = tuple(int(j) for j in np.argwhere(changed)[0])
-            where = f"first at {list(i)}: " if i else ""
-            moved.append(
-                f"{path!r} ({k} of {n} frozen elements; {where}{a[i]} ({_hex(bits_a[i])}) "
-                f"-> {b[i]} ({_hex(bits_b[i])}))"
-            )
+    moved = [
+        found
+        for (path, a), (_, b), m in zip(fb.entries, fa.entries, masks, strict=True)
+        if m is not False and (found := _moved(path, a, b, m, compare))
+    ]
     if moved:
         noun = "leaf" if len(moved) == 1 else "leaves"
         raise AssertionError(f"{len(moved)} frozen {noun} moved: " + "; ".join(moved))
+
+
+def _values(x: Any, path: str) -> Any:
+    """What assert_frozen compares: NumPy values (a PRNG key's data), or the object."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        raise TypeError(
+            f"jf.assert_frozen: the leaf at path {path!r} is a jax.ShapeDtypeStruct; "
+            "compare concrete values."
+        )
+    if is_array(x) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x) if _is_param(x) else x
+
+
+def _moved(path: str, a: Any, b: Any, m: Mask, compare: str) -> str:
+    """How one frozen leaf moved ("" if it did not)."""
+    a, b = _values(a, path), _values(b, path)
+    if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+        # Not arrays (an Equinox module's activation function): the same object, or equal.
+        return "" if a is b or a == b else f"{path!r} (was {a!r}, now {b!r})"
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"{path!r} (was {a.dtype}{list(a.shape)}, now {b.dtype}{list(b.shape)})"
+    bits_a, bits_b = _bit_view(a), _bit_view(b)
+    same = (bits_a == bits_b).all(-1) if compare == "bits" else _same_values(a, b)
+    changed = ~same & (True if m is True else np.broadcast_to(m, a.shape))
+    k = int(np.sum(changed))
+    if not k:
+        return ""
+    n = a.size if m is True else int(np.sum(np.broadcast_to(m, a.shape)))
+    i = tuple(int(j) for j in np.argwhere(changed)[0])
+    where = f"first at {list(i)}: " if i else ""
+    return (
+        f"{path!r} ({k} of {n} frozen elements; {where}{a[i]} ({_hex(bits_a[i])}) "
+        f"-> {b[i]} ({_hex(bits_b[i])}))"
+    )

@@ -231,3 +231,23 @@ def test_an_equinox_mask_tree_is_a_tree_not_a_mask_function():
 def test_a_strict_pattern_on_an_empty_tree_says_the_tree_is_empty():
     with pytest.raises(ValueError, match=r"jf.paths\('a'\) matches no leaf.*has no leaves"):
         jf.paths("a")({})
+
+
+def test_assert_frozen_on_an_unfiltered_equinox_module_and_prng_keys():
+    eqx = pytest.importorskip("equinox")
+    mlp = eqx.nn.MLP(2, 2, 4, 2, key=jax.random.PRNGKey(0))
+    jf.assert_frozen(mlp, mlp, frozen=jf.everything)  # activations compared as objects
+    moved = eqx.tree_at(lambda m: m.activation, mlp, jax.nn.tanh)
+    with pytest.raises(AssertionError, match=r"'activation'"):
+        jf.assert_frozen(mlp, moved, frozen=jf.everything)
+    keys = {"k": jax.random.key(0), "w": jnp.ones(2)}
+    jf.assert_frozen(keys, keys, frozen=jf.everything)
+    with pytest.raises(AssertionError, match=r"'k' \(1 of 2 frozen elements"):
+        jf.assert_frozen(keys, {**keys, "k": jax.random.key(1)}, frozen=jf.everything)
+    with pytest.raises(TypeError, match=r"path 'w'.*ShapeDtypeStruct"):
+        jf.assert_frozen(jax.eval_shape(lambda: keys), keys, frozen=jf.paths("w"))
+
+
+def test_summary_shows_an_empty_key():
+    s = str(jf.summary({"a": {"": jnp.ones(2), "c": jnp.ones(1)}}, frozen=jf.paths("a/")))
+    assert re.search(r"^\s+''\s+1\s+2\s+0\s+2", s, re.M), s
