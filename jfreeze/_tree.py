@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
@@ -271,6 +272,12 @@ class Flat:
     def leaves(self) -> list[Any]:
         """The real leaves, in tree order."""
         return [x for _, x in self.entries]
+
+    @functools.cached_property
+    def structs(self) -> list[Any]:
+        """What a selector sees of each real leaf (:func:`shape_dtype`), made once
+        however many selectors (``jf.labels`` rules) look at this tree."""
+        return [shape_dtype(x) for _, x in self.entries]
 
     def unflatten(self, values: Iterable[Any]) -> Any:
         """A tree shaped like the input, with ``values`` at the real leaves."""

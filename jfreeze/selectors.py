@@ -213,7 +213,8 @@ class Selector:
 
     def _masks(self, flat: Flat) -> list[Mask]:
         # The one evaluation path: per leaf, unless a subclass needs the whole tree.
-        return [checked_leaf_mask(self, p, shape_dtype(x)) for p, x in flat.entries]
+        pairs = zip(flat.paths, flat.structs, strict=True)
+        return [checked_leaf_mask(self, p, x) for p, x in pairs]
 
     def _strict_patterns(self) -> Iterator[tuple[str, re.Pattern | Glob, str]]:
         return iter(())
@@ -280,7 +281,10 @@ def checked_leaf_mask(sel: Selector, path: str, leaf: Any) -> Mask:
     """``sel.leaf_mask(path, leaf)``, its answer checked: ``True``/``False`` or a
     bool array broadcast to the leaf's shape; anything else (``None``, a number, a
     float array, an array of another shape) is an error naming the path."""
-    return _bool_mask(sel.leaf_mask(path, leaf), leaf, f"{sel!r} at path {path!r}")
+    m = sel.leaf_mask(path, leaf)
+    if m is True or m is False:  # the common answer: no message to build
+        return m
+    return _bool_mask(m, leaf, f"{sel!r} at path {path!r}")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
