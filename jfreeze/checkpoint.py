@@ -196,15 +196,23 @@ def _collection_masks(name: str, flat: Flat, sel: Selector,
             return as_selector(collection_frozen[name]).evaluate(flat)
         except ValueError as e:
             raise ValueError(f"collection_frozen[{name!r}]: {e}") from None
+    # A collection that is one leaf (a TrainState's step) has no params path: the
+    # params' frozen= (say ~jf.paths("head/**"), which matches '') does not freeze it,
+    # and a collection with no leaf (batch_stats=None) has nothing to freeze.
+    if all(p == "" for p in flat.paths):
+        return [False] * len(flat.entries)
     if not sel.per_leaf:
         raise TypeError(
             f"frozen={sel!r} is a mask tree or mask function of the params, so it cannot say "
             f"what is frozen in the collection {name!r}: pass collection_frozen={{{name!r}: "
-            "...}} (a selector such as jf.paths('backbone/**'), or jf.nothing to save it all)."
+            "...} (a selector such as jf.paths('backbone/**'), or jf.nothing to save it all)."
         )
-    # A collection that is one leaf (a TrainState's step) has no params path: the
-    # params' frozen= (say ~jf.paths("head/**"), which matches '') does not freeze it.
-    return [p != "" and simplify(sel.leaf_mask(p, shape_dtype(x))) for p, x in flat.entries]
+    try:
+        return [p != "" and simplify(sel.leaf_mask(p, shape_dtype(x))) for p, x in flat.entries]
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"the collection {name!r}, frozen by the params' frozen= on its paths: "
+                      f"{e} (pass collection_frozen={{{name!r}: ...}} to say what is frozen "
+                      "there)") from None
 
 
 def _check_collection_args(collections: Any, collection_frozen: Any) -> None:
@@ -618,11 +626,16 @@ def save_trainable(
     (Array([0., 0.], dtype=float32), Array([0.25, 0.25], dtype=float32))
     """
     ocp = _ocp()
+    where = f"jf.save_trainable({str(directory)!r})"
     manifest = freeze_manifest(
         params, frozen=frozen, opt_state=opt_state, collections=collections,
         collection_frozen=collection_frozen, include_frozen=include_frozen,
         frozen_source=frozen_source, fingerprint=fingerprint,
     )
+    _refuse_non_arrays(params, opt_state, collections or {}, where)
+    if os.path.exists(directory) and not force:
+        raise ValueError(f"{where}: {os.path.abspath(directory)!r} already exists; pass "
+                         "force=True to overwrite it, or save to a new directory.")
     flat = Flat.of(params)
     items: dict[str, Any] = {"manifest": ocp.args.JsonSave(manifest)}
     pairs = zip(flat.leaves, manifest["params"], strict=True)
@@ -645,6 +658,29 @@ def save_trainable(
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         ckptr.save(os.path.abspath(directory), ocp.args.Composite(**items), force=force)
     return manifest
+
+
+_SAVABLE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+
+
+def _refuse_non_arrays(params: Any, opt_state: Any, collections: Collections,
+                       where: str) -> None:
+    """Orbax saves arrays and Python scalars: anything else (an Equinox module's activation
+    function, a string) is a ``TypeError`` naming its paths, before anything is written."""
+    trees = [("params", params), ("optimizer state", opt_state)]
+    trees += [(f"collection {name!r}", tree) for name, tree in sorted(collections.items())]
+    for what, tree in trees:
+        bad = [f"{p!r} ({type(x).__name__})" for p, x in Flat.of(tree).entries
+               if not isinstance(x, _SAVABLE)]
+        if bad:
+            shown = ", ".join(bad[:_SHOWN]) + (f" and {len(bad) - _SHOWN} more"
+                                               if len(bad) > _SHOWN else "")
+            raise TypeError(
+                f"{where}: the {what} holds leaves that are not arrays, at {shown}; a "
+                "checkpoint holds arrays and Python scalars. Save the arrays only (for an "
+                "Equinox model, eqx.filter(model, eqx.is_array), and the same filter on the "
+                "template when restoring); keep the rest in your code."
+            )
 
 
 def _value_of(template: Any, value: Any) -> Any:
@@ -760,7 +796,7 @@ def restore_trainable(
 def _read_manifest(ocp: Any, ckptr: Any, path: str, where: str) -> Any:
     try:
         return ckptr.restore(path, ocp.args.Composite(manifest=ocp.args.JsonRestore())).manifest
-    except FileNotFoundError:
+    except (FileNotFoundError, KeyError):  # KeyError: orbax finds no 'manifest' item
         raise ValueError(f"{where}: not a jfreeze trainable-only checkpoint (it holds no "
                          "manifest)") from None
     except json.JSONDecodeError as e:
