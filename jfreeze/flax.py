@@ -422,7 +422,8 @@ class NNXFilter:
 
     def __call__(self, path: tuple, value: Any) -> bool:
         p = path_str(path)
-        m = simplify(checked_leaf_mask(self.selector, p, shape_dtype(_value(value))))
+        with jax.ensure_compile_time_eval():  # shape-only jnp code stays concrete
+            m = simplify(checked_leaf_mask(self.selector, p, shape_dtype(_value(value))))
         if not isinstance(m, bool):
             raise ValueError(
                 f"jf.flax.nnx_filter({self.selector!r}) selects only some elements of the "

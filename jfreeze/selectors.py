@@ -214,7 +214,9 @@ class Selector:
     def _masks(self, flat: Flat) -> list[Mask]:
         # The one evaluation path: per leaf, unless a subclass needs the whole tree.
         pairs = zip(flat.paths, flat.structs, strict=True)
-        return [checked_leaf_mask(self, p, x) for p, x in pairs]
+        # Outside any trace: shape-only jnp code in a leaf_mask gives concrete values under jit.
+        with jax.ensure_compile_time_eval():
+            return [checked_leaf_mask(self, p, x) for p, x in pairs]
 
     def _strict_patterns(self) -> Iterator[tuple[str, re.Pattern | Glob, str]]:
         return iter(())

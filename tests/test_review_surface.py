@@ -251,3 +251,23 @@ def test_assert_frozen_on_an_unfiltered_equinox_module_and_prng_keys():
 def test_summary_shows_an_empty_key():
     s = str(jf.summary({"a": {"": jnp.ones(2), "c": jnp.ones(1)}}, frozen=jf.paths("a/")))
     assert re.search(r"^\s+''\s+1\s+2\s+0\s+2", s, re.M), s
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstColumn(jf.Selector):
+    def leaf_mask(self, path, leaf):
+        return jnp.arange(leaf.shape[-1]) < 1  # jnp on the shape, as jf.where allows
+
+
+def test_a_selector_subclass_using_jnp_on_the_shape_works_under_jit():
+    import optax
+
+    tx = jf.freeze(optax.sgd(1.0), frozen=FirstColumn())
+    state = tx.init(PARAMS)
+    grads = jax.tree.map(jnp.ones_like, PARAMS)
+    eager, _ = tx.update(grads, state, PARAMS)
+    jitted, _ = jax.jit(tx.update)(grads, state, PARAMS)
+    for e, j in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_array_equal(e, j)
+        assert np.all(np.asarray(j)[..., 0] == 0) and np.all(np.asarray(j)[..., 1:] == -1)
+    assert jax.jit(lambda p: jf.stop_gradient(p, frozen=FirstColumn()))(PARAMS) is not None
