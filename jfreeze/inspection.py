@@ -231,7 +231,9 @@ def summary(
       a single leaf (whose frozen elements the row counts). A partly frozen
       subtree with one child is shown as one row (``encoder/layer``). Rows open
       breadth-first while the table stays within ``max_rows`` module rows; a
-      partly frozen row left closed says so in its note.
+      partly frozen row left closed says so in its note. Top-level rows are
+      always shown, so a tree with more top-level keys than ``max_rows`` has
+      that many rows (``depth=`` does not bound them either).
     - ``depth=k``: every subtree of the first ``k`` path segments, nested
       (``depth=1``: the top-level keys), as torchinfo's ``depth`` does.
 

@@ -81,7 +81,10 @@ def labels(rules: Mapping[Hashable, FrozenSpec], *, default: Hashable = _NO_DEFA
     """
     if not isinstance(rules, Mapping):
         raise TypeError(f"jf.labels takes a dict {{label: selector}}, got {type(rules).__name__}")
-    for label in rules:
+    for label in (*rules, default):
         if label is None:
-            raise TypeError("jf.labels: None is not a label (JAX reads None as an empty subtree)")
+            raise TypeError(
+                "jf.labels: None is not a label, as a rule's key or as default= (JAX reads "
+                "None as an empty subtree); map a label to None in jf.partition to freeze."
+            )
     return Labels(tuple((k, as_selector(v)) for k, v in rules.items()), default)

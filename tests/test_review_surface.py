@@ -271,3 +271,8 @@ def test_a_selector_subclass_using_jnp_on_the_shape_works_under_jit():
         np.testing.assert_array_equal(e, j)
         assert np.all(np.asarray(j)[..., 0] == 0) and np.all(np.asarray(j)[..., 1:] == -1)
     assert jax.jit(lambda p: jf.stop_gradient(p, frozen=FirstColumn()))(PARAMS) is not None
+
+
+def test_labels_refuses_none_as_default():
+    with pytest.raises(TypeError, match="None is not a label"):
+        jf.labels({"a": jf.paths("a/**")}, default=None)
