@@ -375,7 +375,13 @@ def _count(
         if 0 < nf < n:
             node.row.note = f"{nf:,} of {n:,} elements frozen"
         if label is not None:  # 1, True and "1" are three labels to optax
-            rows.append(labels.setdefault((type(label), label), Row("label", str(label))))
+            try:
+                row = labels.setdefault((type(label), label), Row("label", str(label)))
+            except TypeError:
+                raise TypeError(
+                    f"jf.summary: the label at path {path!r} is not hashable: {label!r}"
+                ) from None
+            rows.append(row)
         for r in rows:
             r.leaves += 1
             r.params += n

@@ -276,3 +276,8 @@ def test_a_selector_subclass_using_jnp_on_the_shape_works_under_jit():
 def test_labels_refuses_none_as_default():
     with pytest.raises(TypeError, match="None is not a label"):
         jf.labels({"a": jf.paths("a/**")}, default=None)
+
+
+def test_summary_names_the_path_of_an_unhashable_label():
+    with pytest.raises(TypeError, match=r"label at path 'a' is not hashable"):
+        jf.summary({"a": jnp.ones(2)}, labels={"a": np.array("x")})
