@@ -429,15 +429,23 @@ def apply_updates(params: Any, updates: Any, *, frozen: FrozenSpec) -> Any:
     ups = [u for x, u in zip(flat.slots, slots, strict=True) if not is_placeholder(x)]
     out = []
     for (path, p), u, m in zip(flat.entries, ups, masks, strict=True):
-        if m is True or (u is None and not is_array(p)):
+        if m is True or (is_placeholder(u) and not is_array(p)):
             out.append(p)  # frozen, or not an array (an Equinox activation): kept as is
             continue
-        if u is None or getattr(u, "dtype", None) == jax.dtypes.float0:
+        what = "trainable" if m is False else "partly frozen"
+        if is_placeholder(u) or getattr(u, "dtype", None) == jax.dtypes.float0:
+            kind = "None" if u is None else type(u).__name__ if is_placeholder(u) else "float0"
             raise ValueError(
-                f"jf.apply_updates: the trainable leaf at path {path!r} has no update "
-                f"({'None' if u is None else 'float0'}); only frozen leaves may lack one."
+                f"jf.apply_updates: the {what} leaf at path {path!r} has no update ({kind}); "
+                "only frozen leaves may lack one."
             )
-        new = optax.apply_updates(p, u)
+        new: Any = optax.apply_updates(p, u)
+        if jnp.shape(new) != jnp.shape(p):  # optax's add broadcasts p up to u's shape
+            raise ValueError(
+                f"jf.apply_updates: the update at path {path!r} has shape {jnp.shape(u)}, "
+                f"which would turn the {what} leaf of shape {jnp.shape(p)} into "
+                f"{jnp.shape(new)}; updates must be shaped like the params."
+            )
         out.append(new if m is False else _select(compact(m), p, new))
     return flat.unflatten(out)
 

@@ -455,6 +455,30 @@ def test_apply_updates_errors_name_paths():
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("frozen", [jf.nothing, jf.elements("a", np.s_[0])],
+                         ids=["trainable", "partly-frozen"])
+def test_apply_updates_refuses_a_masked_node_or_a_shape_changing_update(frozen, mode):
+    """optax.apply_updates broadcasts p + u: a (2, 3) update turned a (3,) leaf into (2, 3)
+    silently (and its mask with it); a MaskedNode update was a bare TypeError from '+'."""
+    what = "trainable" if frozen is jf.nothing else "partly frozen"
+    params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+    apply = mode(lambda p, u: jf.apply_updates(p, u, frozen=frozen))
+    with pytest.raises(ValueError, match=r"update at path 'a' has shape \(2, 3\).*\(3,\)"):
+        apply(params, {"a": jnp.ones((2, 3)), "b": jnp.ones(2)})
+    with pytest.raises(ValueError, match=rf"the {what} leaf at path 'a' has no update "
+                       r"\(MaskedNode\)"):
+        jf.apply_updates(params, {"a": optax.MaskedNode(), "b": jnp.ones(2)}, frozen=frozen)
+    # An update that broadcasts *into* the leaf's shape is optax's, as before.
+    new = apply(params, {"a": jnp.ones(()), "b": jnp.ones(2)})
+    assert new["a"].shape == (3,)
+    # A MaskedNode at a whole frozen leaf (or one that is not an array) is no update at all.
+    new = jf.apply_updates({**params, "f": jax.nn.relu},
+                           {"a": optax.MaskedNode(), "b": jnp.ones(2), "f": optax.MaskedNode()},
+                           frozen=jf.paths("a"))
+    assert new["a"] is params["a"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_complex_frozen_update_keeps_a_negative_zero_imaginary_part(mode):
     # The frozen update is -0-0j: -0+0j added to (1 - 0j) gives (1 + 0j).
     x = np.array([1.0], np.complex64)
