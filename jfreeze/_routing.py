@@ -22,6 +22,7 @@ from jfreeze._tree import Flat, Mask, broadcast_prefix, describe_paths, is_place
 __all__ = [
     "FROZEN",
     "TRAIN",
+    "EmptyState",
     "as_transform",
     "constant",
     "neg_zero",
@@ -67,6 +68,14 @@ def neg_zero(dtype: Any) -> Any:
     return jnp.array(-0.0, dtype)
 
 
+class EmptyState(optax.EmptyState):
+    """The state of a frozen label: ``optax.EmptyState`` (it is one, and prints as one),
+    marked so that ``jf.inner_state`` tells a frozen label from a stateless optimizer
+    (``optax.scale``) without a label."""
+
+    __slots__ = ()
+
+
 def zero_updates() -> optax.GradientTransformation:
     """Like ``optax.set_to_zero`` but with -0.0 (-0-0j), the update whose add
     changes the fewest bits (see ``jf.freeze`` for what an add still changes)."""
@@ -80,7 +89,7 @@ def zero_updates() -> optax.GradientTransformation:
         del params
         return jax.tree.map(zero, updates), state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformation(lambda params: EmptyState(), update)
 
 
 def constant(tree: Any) -> Callable[[Any], Any]:

@@ -22,6 +22,7 @@ from jfreeze._routing import (
     routed,
     zero_updates,
 )
+from jfreeze._routing import EmptyState as FrozenEmptyState
 from jfreeze._tree import Flat, Mask, compact, describe_paths, is_array, is_placeholder, path_str
 from jfreeze.schedules import GradualUnfreezeState
 from jfreeze.selectors import FrozenSpec, as_selector
@@ -465,15 +466,28 @@ def _select(mask: np.ndarray, p: Any, new: Any) -> jax.Array:
 # Reaching into the state: the inner optimizer's state and schedule-free evaluation.
 
 
+def _jfreeze_states_in(state: Any) -> list[str]:
+    """Where jfreeze states sit inside a wrapper's state: ``state[0]``, ``state.fast_state``."""
+    kinds = (optax.PartitionState, GradualUnfreezeState)
+    found = jax.tree_util.tree_flatten_with_path(
+        state, is_leaf=lambda x: isinstance(x, kinds) and x is not state)[0]
+    return [f"state{jax.tree_util.keystr(p, simple=False)}" for p, x in found
+            if isinstance(x, kinds)]
+
+
 def _inner_key(state: Any, label: Any, who: str) -> tuple[Any, Hashable]:
     """The ``optax.PartitionState`` inside a jfreeze state, and the key of ``label``'s state."""
     gradual = isinstance(state, GradualUnfreezeState)
     part = state.inner if gradual else state
     if not isinstance(part, optax.PartitionState):
+        inside = _jfreeze_states_in(state)
         raise TypeError(
             f"{who} takes the state of jf.freeze, jf.partition or jf.gradual_unfreeze, got "
-            f"{type(state).__name__}. Inside a wrapper (optax.lookahead, optax.MultiSteps), "
-            "pass the wrapper's field that holds it (e.g. state.fast_state)."
+            f"{type(state).__name__}. "
+            + (f"It holds one at {', '.join(inside)}: pass that (and, for set_inner_state, "
+               "put the result back there)." if inside else
+               "Inside a wrapper (optax.chain, optax.MultiSteps, optax.lookahead), pass the "
+               "wrapper's field that holds it (e.g. state.fast_state).")
         )
     states: Mapping[Any, Any] = part.inner_states
     keys = list(states)
@@ -481,7 +495,9 @@ def _inner_key(state: Any, label: Any, who: str) -> tuple[Any, Hashable]:
         # jf.freeze (and jf.gradual_unfreeze): 'trainable' is the one inner state.
         if TRAIN in keys and set(keys) <= {TRAIN, FROZEN}:
             return part, TRAIN
-        live = [k for k in keys if not isinstance(states[k].inner_state, optax.EmptyState)]
+        # A frozen label's state is the marked EmptyState; a stateless optimizer's
+        # (optax.scale) is optax's own, and is a label as any other.
+        live = [k for k in keys if not isinstance(states[k].inner_state, FrozenEmptyState)]
         if len(live) == 1:
             return part, live[0]
         raise ValueError(

@@ -227,6 +227,39 @@ def test_inner_state_errors_name_the_labels():
     assert jf.inner_state(state) is jf.inner_state(state, "a")
 
 
+def test_a_stateless_label_is_a_label_not_a_frozen_one():
+    """optax.scale's state is an EmptyState, as a frozen label's is: without a label,
+    jf.inner_state returned the other label's state as if it were the only one."""
+    params = _params()
+    labels = {"backbone": "s", "head": "a"}
+    state = jf.partition({"s": optax.scale(-0.1), "a": optax.adam(0.1)}, labels).init(params)
+    with pytest.raises(ValueError, match=r"one inner state per label.*'s', 'a'"):
+        jf.inner_state(state)
+    with pytest.raises(ValueError, match=r"one inner state per label"):
+        jf.set_inner_state(state, jf.inner_state(state, "a"))
+    # One stateless non-frozen label beside a frozen one: it is the one.
+    state = jf.partition({"s": optax.scale(-0.1), "f": None},
+                         {"backbone": "f", "head": "s"}).init(params)
+    assert jf.inner_state(state) is jf.inner_state(state, "s")
+    assert isinstance(jf.inner_state(state, "f"), optax.EmptyState)
+    assert repr(jf.inner_state(state, "f")) == "EmptyState()"
+
+
+@pytest.mark.parametrize("wrap, where", [
+    (lambda tx: optax.chain(tx, optax.scale(1.0)), r"state\[0\]"),
+    (lambda tx: optax.MultiSteps(tx, 2), r"state\.inner_opt_state"),
+    (lambda tx: optax.lookahead(tx, 2, 0.5), r"state\.fast_state"),
+], ids=["chain", "MultiSteps", "lookahead"])
+def test_a_wrapped_jfreeze_state_is_named_by_its_path(wrap, where):
+    params = _params()
+    tx = wrap(jf.freeze(optax.adam(0.1), frozen=BACKBONE))
+    state = tx.init(optax.LookaheadParams.init_synced(params)
+                    if "lookahead" in where else params)
+    for fn in (jf.inner_state, lambda s: jf.set_inner_state(s, None)):
+        with pytest.raises(TypeError, match=rf"holds one at {where}"):
+            fn(state)
+
+
 # --------------------------------------------------------------------------
 # Lookahead: optax.lookahead(jf.freeze(...)), never the other way round.
 
