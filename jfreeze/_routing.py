@@ -22,7 +22,7 @@ from jfreeze._tree import Flat, Mask, broadcast_prefix, describe_paths, is_place
 __all__ = [
     "FROZEN",
     "TRAIN",
-    "EmptyState",
+    "ZeroUpdatesState",
     "as_transform",
     "constant",
     "neg_zero",
@@ -68,12 +68,15 @@ def neg_zero(dtype: Any) -> Any:
     return jnp.array(-0.0, dtype)
 
 
-class EmptyState(optax.EmptyState):
-    """The state of a frozen label: ``optax.EmptyState`` (it is one, and prints as one),
-    marked so that ``jf.inner_state`` tells a frozen label from a stateless optimizer
-    (``optax.scale``) without a label."""
+class ZeroUpdatesState(optax.EmptyState):
+    """The state of a frozen label (:func:`zero_updates`): an ``optax.EmptyState`` (it is
+    one, and prints as one), marked so that ``jf.inner_state`` tells a frozen label from a
+    stateless optimizer (``optax.scale``) without a label."""
 
     __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "EmptyState()"
 
 
 def zero_updates() -> optax.GradientTransformation:
@@ -89,7 +92,7 @@ def zero_updates() -> optax.GradientTransformation:
         del params
         return jax.tree.map(zero, updates), state
 
-    return optax.GradientTransformation(lambda params: EmptyState(), update)
+    return optax.GradientTransformation(lambda params: ZeroUpdatesState(), update)
 
 
 def constant(tree: Any) -> Callable[[Any], Any]:

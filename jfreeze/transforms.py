@@ -14,6 +14,7 @@ import optax
 from jfreeze._routing import (
     FROZEN,
     TRAIN,
+    ZeroUpdatesState,
     as_transform,
     constant,
     neg_zero,
@@ -22,7 +23,6 @@ from jfreeze._routing import (
     routed,
     zero_updates,
 )
-from jfreeze._routing import EmptyState as FrozenEmptyState
 from jfreeze._tree import Flat, Mask, compact, describe_paths, is_array, is_placeholder, path_str
 from jfreeze.schedules import GradualUnfreezeState
 from jfreeze.selectors import FrozenSpec, as_selector
@@ -495,9 +495,9 @@ def _inner_key(state: Any, label: Any, who: str) -> tuple[Any, Hashable]:
         # jf.freeze (and jf.gradual_unfreeze): 'trainable' is the one inner state.
         if TRAIN in keys and set(keys) <= {TRAIN, FROZEN}:
             return part, TRAIN
-        # A frozen label's state is the marked EmptyState; a stateless optimizer's
+        # A frozen label's state is a ZeroUpdatesState; a stateless optimizer's
         # (optax.scale) is optax's own, and is a label as any other.
-        live = [k for k in keys if not isinstance(states[k].inner_state, FrozenEmptyState)]
+        live = [k for k in keys if not isinstance(states[k].inner_state, ZeroUpdatesState)]
         if len(live) == 1:
             return part, live[0]
         raise ValueError(
