@@ -61,8 +61,23 @@ def _record(path: str, x: Any) -> dict[str, Any]:
     """
     if isinstance(x, bool | int | float | complex):
         x = jnp.asarray(x)
-    return {"path": path, "shape": list(getattr(x, "shape", ())),
-            "dtype": str(np.dtype(x.dtype)) if is_array(x) else type(x).__name__}
+    if not is_array(x):
+        dtype = type(x).__name__
+    elif _is_key(x):
+        dtype = str(x.dtype)  # key<fry>: NumPy has no name for it
+    else:
+        dtype = str(np.dtype(x.dtype))
+    return {"path": path, "shape": list(getattr(x, "shape", ())), "dtype": dtype}
+
+
+def _is_key(x: Any) -> bool:
+    """A typed PRNG key array (``jax.random.key``), or its shape, as a TrainState's ``rng``."""
+    return is_array(x) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_data(x: Any) -> Any:
+    """What is saved and fingerprinted of a leaf: a typed key's ``uint32`` data, else itself."""
+    return jax.random.key_data(x) if _is_key(x) else x
 
 
 def _state_entries(opt_state: Any) -> list[dict[str, Any]]:
@@ -147,7 +162,7 @@ def _fingerprint_all(leaves: Sequence[Any]) -> list[str]:
         return []
     # NumPy leaves are turned into words on the host: handing a float64 array to
     # jit without x64 would round it to float32 first.
-    words = [_as_words(x, np) if isinstance(x, np.ndarray) else x for x in leaves]
+    words = [_as_words(x, np) if isinstance(x, np.ndarray) else _key_data(x) for x in leaves]
     return [f"{int(a):08x}{int(b):08x}" for a, b in jax.device_get(_fingerprints(words))]
 
 
@@ -559,6 +574,9 @@ def _abstract(x: Any) -> Any:
     sharding = getattr(x, "sharding", None)
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if _is_key(x):  # read as the key's data: (*shape, *key_shape) uint32
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
@@ -639,15 +657,16 @@ def save_trainable(
     flat = Flat.of(params)
     items: dict[str, Any] = {"manifest": ocp.args.JsonSave(manifest)}
     pairs = zip(flat.leaves, manifest["params"], strict=True)
-    saved = {f"p{i}": x for i, (x, e) in enumerate(pairs) if e["saved"]}
+    saved = {f"p{i}": _key_data(x) for i, (x, e) in enumerate(pairs) if e["saved"]}
     if saved:
         items["params"] = ocp.args.StandardSave(saved)
     if opt_state is not None:
-        state = {f"s{i}": x for i, (_, x) in enumerate(leaves_with_paths(opt_state)[0])}
+        state = {f"s{i}": _key_data(x)
+                 for i, (_, x) in enumerate(leaves_with_paths(opt_state)[0])}
         if state:
             items["opt_state"] = ocp.args.StandardSave(state)
     colls = {
-        f"c{c}_{i}": x
+        f"c{c}_{i}": _key_data(x)
         for c, name in enumerate(manifest["collections"])
         for i, (x, e) in enumerate(zip(Flat.of(collections[name]).leaves,  # type: ignore[index]
                                        manifest["collections"][name], strict=True))
@@ -684,7 +703,12 @@ def _refuse_non_arrays(params: Any, opt_state: Any, collections: Collections,
 
 
 def _value_of(template: Any, value: Any) -> Any:
-    """A value read back, as the template's type (a Python scalar stays one)."""
+    """A value read back, as the template's type (a Python scalar stays one, a typed
+    PRNG key is wrapped again from its data)."""
+    if _is_key(template):
+        impl = (jax.random.key_impl(template) if isinstance(template, jax.Array)
+                else template.dtype._impl)  # a ShapeDtypeStruct of keys (jax.eval_shape)
+        return jax.random.wrap_key_data(value, impl=impl)
     return value if is_array(template) else type(template)(value.item())
 
 

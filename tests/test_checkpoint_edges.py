@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import property_settings
 
 import jfreeze as jf
 
@@ -80,3 +83,51 @@ def test_an_element_selection_that_does_not_fit_a_collection_leaf_names_the_coll
     frozen = jf.elements("head", np.s_[0])
     with pytest.raises(ValueError, match=r"collection 'ema'.*path 'head'"):
         jf.freeze_manifest(_params(), frozen=frozen, collections={"ema": {"head": jnp.ones(())}})
+
+
+@property_settings(6)
+@given(impl=st.sampled_from(["threefry2x32", "rbg", "unsafe_rbg"]),
+       shape=st.sampled_from([(), (3,), (2, 2)]), seed=st.integers(0, 2**31 - 1),
+       where=st.sampled_from(["params", "collection", "train state"]),
+       template=st.sampled_from(["array", "eval_shape"]))
+def test_typed_prng_keys_round_trip_bit_for_bit(tmp_path_factory, impl, shape, seed, where,
+                                                template):
+    """A typed key (a TrainState's ``rng``) was a bare NumPy TypeError ('key<fry>'); it is
+    saved as its data and wrapped again, into an array or a ``jax.eval_shape`` template."""
+    d = tmp_path_factory.mktemp("k") / "c"
+    key = jax.random.split(jax.random.key(seed, impl=impl), int(np.prod(shape)) or 1)
+    key = key.reshape(shape) if shape else key[0]
+    fresh = jax.random.key(0, impl=impl)
+    fresh = jnp.broadcast_to(fresh, shape) if shape else fresh
+    like = jax.eval_shape(lambda: fresh) if template == "eval_shape" else fresh
+    if where == "train state":
+        train_state = pytest.importorskip("flax.training.train_state")
+
+        class State(train_state.TrainState):
+            rng: Any = None
+
+        tx = jf.freeze(optax.adam(1e-2), frozen=FROZEN)
+        state = State.create(apply_fn=None, params=_params(), tx=tx, rng=key)
+        m = jf.flax.save_train_state(d, state, frozen=FROZEN)
+        got = jf.flax.restore_train_state(d, state.replace(rng=like), frozen=FROZEN).rng
+    elif where == "collection":
+        m = jf.save_trainable(d, _params(), frozen=FROZEN, collections={"rng": key})
+        got = jf.restore_trainable(d, _params(), frozen=FROZEN, collections={"rng": like})[2]
+        got = got["rng"]
+    else:
+        m = jf.save_trainable(d, {**_params(), "rng": key}, frozen=FROZEN)
+        got = jf.restore_trainable(d, {**_params(), "rng": like}, frozen=FROZEN)[0]["rng"]
+    entries = m["params"] if where == "params" else m["collections"]["rng"]
+    assert entries[-1]["dtype"] == str(key.dtype) and entries[-1]["shape"] == list(shape)
+    assert got.dtype == key.dtype and got.shape == key.shape
+    np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(key))
+
+
+def test_a_frozen_typed_key_is_fingerprinted_by_its_data(tmp_path):
+    params = {**_params(), "backbone": jax.random.key(1)}
+    jf.save_trainable(tmp_path / "c", params, frozen=FROZEN)
+    back, _ = jf.restore_trainable(tmp_path / "c", params, frozen=FROZEN)
+    assert back["backbone"] is params["backbone"]
+    with pytest.raises(ValueError, match=r"frozen leaves at 'backbone' differ"):
+        jf.restore_trainable(tmp_path / "c", {**params, "backbone": jax.random.key(2)},
+                             frozen=FROZEN)
