@@ -764,8 +764,14 @@ def restore_trainable(
     ``params`` gives the structure and holds the frozen leaves that were not
     saved (e.g. freshly loaded pretrained weights); the trainable and partially
     frozen leaves may be ``jax.ShapeDtypeStruct`` (they are read, with the
-    sharding given there). ``opt_state`` is a template of the optimizer state
-    (``tx.init(params)`` or ``jax.eval_shape`` of it). ``collections`` are
+    sharding given there; a shape without one, as ``jax.eval_shape`` outside
+    ``jax.jit`` gives, is read onto the first device: give a sharded model's
+    templates their shardings). ``opt_state`` is a template of the optimizer
+    state (``tx.init(params)`` or ``jax.eval_shape`` of it). Leaves that are
+    not arrays or Python scalars (an unfiltered Equinox model's functions, a
+    string) cannot be saved: ``save_trainable`` refuses them, naming the path,
+    before it writes; typed PRNG keys (``jax.random.key``) are saved as their
+    data and come back as keys. ``collections`` are
     templates of the collections saved, by name, as ``params`` is (their frozen
     leaves given as arrays, the rest may be shapes); every collection in the
     checkpoint must be asked for, so none is dropped silently. Before anything
