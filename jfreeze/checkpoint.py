@@ -813,7 +813,13 @@ def restore_trainable(
         for part in parts:
             target.setdefault(part.item, {}).update(part.wanted())
         args = {k: ocp.args.StandardRestore(v) for k, v in target.items() if v}
-        got = ckptr.restore(path, ocp.args.Composite(**args)) if args else {}
+        try:
+            got = ckptr.restore(path, ocp.args.Composite(**args)) if args else {}
+        except (KeyError, FileNotFoundError) as e:  # an item or an array file missing
+            raise ValueError(
+                f"{where}: the checkpoint is incomplete, its manifest lists saved leaves that "
+                f"are not there ({e}); it was damaged or only partly copied."
+            ) from None
     trees = [part.tree(got) for part in parts]
     out_params = trees.pop(0)
     out_state = trees.pop(0) if opt_state is not None else None

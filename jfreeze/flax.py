@@ -353,9 +353,19 @@ def save_train_state(directory: Any, state: Any, *, frozen: FrozenSpec,
     >>> sorted(m["collections"]), back.step
     (['batch_stats', 'step'], 0)
     """
+    _refuse_collections_kwarg(kwargs, "save_train_state")
     params, others = _state_parts(state)
     return save_trainable(directory, params, state.opt_state, frozen=frozen,
                           collections=others, **kwargs)
+
+
+def _refuse_collections_kwarg(kwargs: dict, who: str) -> None:
+    if "collections" in kwargs:
+        raise TypeError(
+            f"jf.flax.{who} takes no collections=: every pytree field of the state besides "
+            "params and opt_state is a collection already; add a field to the TrainState "
+            "subclass, or use jf.save_trainable / jf.restore_trainable on the trees."
+        )
 
 
 def restore_train_state(directory: Any, state: Any, *, frozen: FrozenSpec,
@@ -381,6 +391,7 @@ def restore_train_state(directory: Any, state: Any, *, frozen: FrozenSpec,
     Returns:
       ``state`` with the restored fields (``state.replace(...)``).
     """
+    _refuse_collections_kwarg(kwargs, "restore_train_state")
     params, others = _state_parts(state)
     params, opt_state, others = restore_trainable(
         directory, params, state.opt_state, frozen=frozen, collections=others, **kwargs)

@@ -131,3 +131,22 @@ def test_a_frozen_typed_key_is_fingerprinted_by_its_data(tmp_path):
     with pytest.raises(ValueError, match=r"frozen leaves at 'backbone' differ"):
         jf.restore_trainable(tmp_path / "c", {**params, "backbone": jax.random.key(2)},
                              frozen=FROZEN)
+
+
+def test_a_checkpoint_missing_an_item_is_a_value_error_naming_it(tmp_path):
+    import shutil
+
+    tx = jf.freeze(optax.adam(1e-2), frozen=FROZEN)
+    jf.save_trainable(tmp_path / "c", _params(), tx.init(_params()), frozen=FROZEN)
+    shutil.rmtree(tmp_path / "c" / "params")
+    with pytest.raises(ValueError, match=r"jf.restore_trainable\(.*incomplete.*params"):
+        jf.restore_trainable(tmp_path / "c", _params(), tx.init(_params()), frozen=FROZEN)
+
+
+def test_train_state_helpers_take_no_collections_argument(tmp_path):
+    train_state = pytest.importorskip("flax.training.train_state")
+    state = train_state.TrainState.create(apply_fn=None, params=_params(),
+                                          tx=jf.freeze(optax.adam(1e-2), frozen=FROZEN))
+    for fn in (jf.flax.save_train_state, jf.flax.restore_train_state):
+        with pytest.raises(TypeError, match=r"takes no collections=.*add a field"):
+            fn(tmp_path / "c", state, frozen=FROZEN, collections={"x": jnp.ones(1)})
