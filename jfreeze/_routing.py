@@ -17,7 +17,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jfreeze._tree import Flat, Mask, broadcast_prefix, describe_paths, is_placeholder
+from jfreeze._tree import (
+    Flat,
+    Mask,
+    broadcast_prefix,
+    call_or_tree,
+    describe_paths,
+    is_placeholder,
+)
 
 __all__ = [
     "FROZEN",
@@ -128,7 +135,7 @@ def resolve_labels(
     ...                who="demo", noun="entry")
     ({'a': 'x', 'b': ['y', 'y']}, {'x': ['a'], 'y': ['b/0', 'b/1']})
     """
-    spec = labels(tree) if callable(labels) else labels
+    spec = call_or_tree(labels, tree)  # an Equinox label tree is callable, yet a tree
     flat = Flat.of(tree)
     values = broadcast_prefix(spec, tree, what="label tree", is_hole=is_placeholder)
     carriers: dict[Any, list[str]] = {}

@@ -203,7 +203,6 @@ def test_summary_takes_an_equinox_label_tree_which_is_callable():
     assert ("a", 12) in [(r.name, r.params) for r in by_tree.rows]
 
 
-@pytest.mark.xfail(reason="_routing.resolve_labels calls a callable label tree (other owner)")
 def test_partition_takes_an_equinox_label_tree_which_is_callable():
     import optax
 
