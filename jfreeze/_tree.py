@@ -393,27 +393,24 @@ def _node_mismatch(
 
 def mask_or(*masks: Mask) -> Mask:
     """Union of masks: ``True`` as soon as one is, arrays combined element-wise."""
-    out: Mask = False
-    for m in masks:
-        if m is True or out is True:
-            out = True
-        elif out is False:
-            out = m
-        elif m is not False:
-            out = np.logical_or(out, m)
-    return out
+    return _fold(masks, True, np.logical_or)
 
 
 def mask_and(*masks: Mask) -> Mask:
     """Intersection of masks: ``False`` as soon as one is, arrays combined element-wise."""
-    out: Mask = True
+    return _fold(masks, False, np.logical_and)
+
+
+def _fold(masks: tuple[Mask, ...], absorbing: bool, op: Callable) -> Mask:
+    # ``absorbing`` decides the result alone; its negation is the identity.
+    out: Mask = not absorbing
     for m in masks:
-        if m is False or out is False:
-            out = False
-        elif out is True:
+        if m is absorbing or out is absorbing:
+            out = absorbing
+        elif out is (not absorbing):
             out = m
-        elif m is not True:
-            out = np.logical_and(out, m)
+        elif m is not (not absorbing):
+            out = op(out, m)
     return out
 
 

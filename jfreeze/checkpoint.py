@@ -186,10 +186,15 @@ def _entries(flat: Flat, masks: Sequence[Mask], include_frozen: bool) -> list[di
     return leaves
 
 
+def _holds_values(x: Any) -> bool:
+    """An array with values (not a ``jax.ShapeDtypeStruct`` template): can be fingerprinted."""
+    return isinstance(x, jax.Array | np.ndarray)
+
+
 def _add_fingerprints(entries: list[dict[str, Any]], flat: Flat) -> None:
     frozen_at = [
         i for i, (e, (_, x)) in enumerate(zip(entries, flat.entries, strict=True))
-        if e["status"] == "frozen" and isinstance(x, jax.Array | np.ndarray)
+        if e["status"] == "frozen" and _holds_values(x)
     ]
     prints = _fingerprint_all([flat.entries[i][1] for i in frozen_at])
     for i, fp in zip(frozen_at, prints, strict=True):
@@ -564,7 +569,7 @@ def _moved_frozen(was: dict[str, dict], flat: Flat) -> list[str]:
     check = [
         (p, x) for p, x in flat.entries
         if "fingerprint" in was.get(p, {}) and not was[p]["saved"]
-        and isinstance(x, jax.Array | np.ndarray)
+        and _holds_values(x)
     ]
     prints = _fingerprint_all([x for _, x in check])
     return [p for (p, _), fp in zip(check, prints, strict=True) if fp != was[p]["fingerprint"]]
@@ -842,7 +847,7 @@ def _read_manifest(ocp: Any, ckptr: Any, path: str, where: str) -> Any:
 def _refuse_missing(part: _Part, manifest: dict, collection: str, where: str) -> None:
     """Frozen leaves not saved must be given as arrays in the template."""
     missing = [p for p, x in part.flat.entries
-               if p not in part.keys and not isinstance(x, jax.Array | np.ndarray)]
+               if p not in part.keys and not _holds_values(x)]
     if missing:
         source = manifest.get("frozen_source")
         of = f" of the collection {collection!r}" if collection else ""

@@ -248,12 +248,7 @@ def test_nnx_grad_leaking_is_flagged_clean_is_ok():
         return optax.tree.norm(grads if leak else grads["head"])
 
     model, frozen = MLP(nnx.Rngs(0)), jf.paths("emb/**", "body/**")
-    leaky = jf.check_frozen_compute(functools.partial(step, leak=True), model, X, Y,
-                                    frozen=frozen, explain=False)
-    assert leaky.ok is False and leaky.differentiated == 2, leaky
-    clean = jf.check_frozen_compute(functools.partial(step, leak=False), model, X, Y,
-                                    frozen=frozen)
-    assert clean.ok is True and clean.differentiated == 2, clean
+    _assert_leak_flagged_and_clean_ok(step, model, frozen)
 
 
 @pytest.mark.parametrize("api", ["filter_grad", "filter_value_and_grad"])
@@ -285,12 +280,7 @@ def test_equinox_filter_grad_leaking_is_flagged_clean_is_ok(api):
         return optax.tree.norm(grads if leak else grads.head)
 
     frozen = jf.paths("emb/**", "body/**")
-    leaky = jf.check_frozen_compute(functools.partial(step, leak=True), model, X, Y,
-                                    frozen=frozen, explain=False)
-    assert leaky.ok is False and leaky.differentiated == 2, leaky
-    clean = jf.check_frozen_compute(functools.partial(step, leak=False), model, X, Y,
-                                    frozen=frozen)
-    assert clean.ok is True and clean.differentiated == 2, clean
+    _assert_leak_flagged_and_clean_ok(step, model, frozen)
 
 
 JITTED_GRAD = jax.jit(jax.grad(_loss))  # its tracers are the inner jit's, not the step's
@@ -375,3 +365,14 @@ def test_a_gradient_inside_lax_switch_that_closes_over_params_is_seen(leak):
 
     report = _check(step, explain=False)
     assert report.ok is (not leak) and report.differentiated == 2, report
+
+
+def _assert_leak_flagged_and_clean_ok(step, model, frozen):
+    """``step(model, X, Y, leak=...)``: the leaking variant is flagged, the clean one is ok,
+    and both differentiate the 2 frozen leaves (the check saw the differentiation)."""
+    leaky = jf.check_frozen_compute(functools.partial(step, leak=True), model, X, Y,
+                                    frozen=frozen, explain=False)
+    assert leaky.ok is False and leaky.differentiated == 2, leaky
+    clean = jf.check_frozen_compute(functools.partial(step, leak=False), model, X, Y,
+                                    frozen=frozen)
+    assert clean.ok is True and clean.differentiated == 2, clean
