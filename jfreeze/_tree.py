@@ -47,8 +47,10 @@ __all__ = [
     "mask_not",
     "mask_or",
     "path_str",
+    "runs",
     "shape_dtype",
     "simplify",
+    "slab",
     "spell_leaf",
 ]
 
@@ -442,3 +444,39 @@ def compact(m: np.ndarray) -> np.ndarray:
         if (m == first).all():
             m = first
     return m
+
+
+def slab(m: Mask) -> tuple[int, np.ndarray] | None:
+    """``(axis, selected)`` when the element mask ``m`` selects whole slices along
+    one axis (whole layers of a stack, whole rows or columns), else ``None``.
+
+    ``selected`` is a bool per index along ``axis``. Whole-leaf masks (bools) are
+    not slabs; every partial 1-D mask is one.
+
+    >>> slab(np.array([[True, True], [False, False], [True, True]]))
+    (0, array([ True, False,  True]))
+    >>> slab(np.array([[True, False], [True, True]])) is None
+    True
+    """
+    if isinstance(m, bool):
+        return None
+    c = compact(m)
+    axes = [a for a, n in enumerate(c.shape) if n > 1]
+    if len(axes) != 1:
+        return None
+    return axes[0], c.reshape(-1)
+
+
+def runs(selected: np.ndarray) -> list[tuple[int, int, bool]]:
+    """Maximal runs ``(start, stop, value)`` of equal values in a 1-D bool array.
+
+    >>> runs(np.array([True, True, False, True]))
+    [(0, 2, True), (2, 3, False), (3, 4, True)]
+    """
+    out: list[tuple[int, int, bool]] = []
+    start = 0
+    for i in range(1, len(selected) + 1):
+        if i == len(selected) or selected[i] != selected[start]:
+            out.append((start, i, bool(selected[start])))
+            start = i
+    return out

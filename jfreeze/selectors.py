@@ -47,6 +47,7 @@ __all__ = [
     "as_selector",
     "elements",
     "everything",
+    "layers",
     "nothing",
     "paths",
     "regex",
@@ -500,6 +501,78 @@ class _Elements(Selector):
         return f"elements({self.glob!r}, {shown}{'' if self.strict else ', strict=False'})"
 
 
+def _layer_index(index: Any) -> Any:
+    """``jf.layers``' index as a hashable NumPy index along one axis."""
+    if isinstance(index, range):
+        return np.arange(index.start, index.stop, index.step, dtype=np.intp)
+    if isinstance(index, tuple):
+        index = list(index)
+    index = _to_numpy(index)
+    if isinstance(index, (slice, int, np.integer)) and not isinstance(index, (bool, np.bool_)):
+        return index
+    if isinstance(index, np.ndarray) and index.ndim == 1 and (
+        index.dtype == np.bool_ or np.issubdtype(index.dtype, np.integer)
+    ):
+        return index
+    raise TypeError(
+        "jf.layers takes the layers as an int, a slice, a range, a list of ints or a 1-D "
+        f"bool array (True = selected), got {index!r}."
+    )
+
+
+@dataclasses.dataclass(frozen=True, repr=False, eq=False)
+class _Layers(Selector):
+    glob: str
+    index: Any
+    axis: int = 0
+    strict: bool = True
+
+    def leaf_mask(self, path, leaf):
+        if not compile_glob(self.glob).fullmatch(path):
+            return False
+        where_ = f"{self!r} at path {path!r}"
+        if not is_array(leaf):
+            raise TypeError(f"{where_}: a layer selection needs an array leaf, got "
+                            f"{type(leaf).__name__}.")
+        if not -leaf.ndim <= self.axis < leaf.ndim:
+            raise ValueError(
+                f"{where_}: the leaf has shape {tuple(leaf.shape)}, with no axis {self.axis} "
+                "to hold layers. Is it stacked (one array per parameter, a layer axis)?"
+            )
+        axis = self.axis % leaf.ndim
+        selected = np.zeros(leaf.shape[axis], dtype=bool)
+        try:
+            selected[self.index] = True
+        except IndexError as e:
+            raise ValueError(
+                f"{where_}: layers {_index_repr(self.index)} do not fit the "
+                f"{leaf.shape[axis]} layers on axis {axis} (shape {tuple(leaf.shape)}): {e}"
+            ) from None
+        shape = [1] * leaf.ndim
+        shape[axis] = -1
+        return simplify(np.broadcast_to(selected.reshape(shape), leaf.shape).copy())
+
+    def _strict_patterns(self):
+        if self.strict:
+            yield repr(self), compile_glob(self.glob), self.glob
+
+    def __eq__(self, other):
+        return isinstance(other, _Layers) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def _key(self):
+        return (self.glob, _freeze_index(self.index), self.axis, self.strict)
+
+    def __repr__(self):
+        i = self.index
+        shown = f"np.s_[{_index_repr(i)}]" if isinstance(i, slice) else _index_repr(i)
+        extra = (f", axis={self.axis}" if self.axis else "") + (
+            "" if self.strict else ", strict=False")
+        return f"layers({self.glob!r}, {shown}{extra})"
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class _Constant(Selector):
     value: bool
@@ -748,6 +821,44 @@ def elements(glob: str, mask: Any, *, strict: bool = True) -> Selector:
     if not isinstance(glob, str):
         raise TypeError(f"jf.elements takes a glob string first, got {glob!r}")
     return _Elements(glob, mask, strict)
+
+
+def layers(glob: str, index: Any, *, axis: int = 0, strict: bool = True) -> Selector:
+    """Whole layers of stacked leaves: the slices ``index`` along ``axis``.
+
+    A scanned model keeps one array per parameter with a layer axis (linen
+    ``nn.scan``, ``nnx.vmap``, ``eqx.filter_vmap``; MaxText stacks on axis 1).
+    ``jf.layers`` selects some layers of every leaf matching ``glob``. It is an
+    element-wise selection like :func:`elements` (and composes the same way),
+    and one that :func:`freeze` recognises: the frozen layers get no optimizer
+    state and the inner optimizer sees only the trainable layers, stacked. So
+    does any element selection that picks whole slices along one axis.
+    Run the stack with :func:`scan` (``jf.flax.scan`` for linen) so that the
+    frozen layers get no weight gradients either.
+
+    Args:
+      glob: which leaves, as in :func:`paths`.
+      index: which layers: an int, a slice, a ``range``, a list of ints
+        (negative ones count from the end) or a 1-D bool array.
+      axis: the layer axis of the matching leaves (negative counts from the end).
+      strict: as in :func:`paths`.
+
+    A matching leaf without that axis, or an index out of range, is a
+    ``ValueError`` naming the path.
+
+    >>> import jax.numpy as jnp
+    >>> import jfreeze as jf
+    >>> params = {"layers": {"w": jnp.ones((4, 2)), "b": jnp.ones((4,))}, "head": jnp.ones(2)}
+    >>> jf.layers("layers/**", range(2))(params)["layers"]["b"]
+    array([ True,  True, False, False])
+    >>> jf.layers("layers/**", [0, -1])(params)["layers"]["w"][:, 0]
+    array([ True, False, False,  True])
+    """
+    if not isinstance(glob, str):
+        raise TypeError(f"jf.layers takes a glob string first, got {glob!r}")
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"jf.layers: axis must be an int, got {axis!r}")
+    return _Layers(glob, _layer_index(index), int(axis), strict)
 
 
 #: Selects every leaf.
