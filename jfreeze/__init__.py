@@ -27,6 +27,7 @@ from jfreeze.inspection import Row, Summary, assert_frozen, summary
 from jfreeze.labeling import Labels, labels
 from jfreeze.population import shard_stacked, stack, unstack
 from jfreeze.scaling import LayerwiseDecay, layerwise_decay, scale_by_label
+from jfreeze.scanning import scan
 from jfreeze.schedules import GradualUnfreezeState, gradual_unfreeze, thawed_value_and_grad
 from jfreeze.selectors import (
     FrozenSpec,
@@ -85,6 +86,7 @@ __all__ = [
     "restore_trainable",
     "save_trainable",
     "scale_by_label",
+    "scan",
     "schedule_free_eval_params",
     "set_inner_state",
     "shard_stacked",
