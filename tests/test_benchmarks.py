@@ -140,3 +140,40 @@ def test_ideal_counts_full_finetuning_as_three_passes_of_the_frozen_part():
     frozen, full = ideal_matmul_flops(s), ideal_matmul_flops(s, all_trainable=True)
     assert 1.3 < full / frozen < 1.5
     assert ideal_matmul_flops(s, frozen_models=3) > 2.9 * frozen
+
+
+@pytest.fixture(scope="module")
+def scanned(tmp_path_factory):
+    """``benchmarks.scanned --quick --no-time``: rows by (setup, variant); nothing timed."""
+    out = tmp_path_factory.mktemp("scanned") / "scanned.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    p = subprocess.run([sys.executable, "-m", "benchmarks.scanned", "--quick", "--no-time",
+                        "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return {(r["setup"], r["variant"]): r for r in json.loads(out.read_text())}
+
+
+@pytest.mark.parametrize("setup", ["bottom", "middle"])
+def test_scanned_stack_frozen_layers_cost_nothing(scanned, setup):
+    rows = {v: r for (s, v), r in scanned.items() if s == setup}
+    assert set(rows) == {"full", "optax_mask", "jf_layers", "jf_scan"}
+    full, jf_scan = rows["full"], rows["jf_scan"]
+    assert full["matmul_gflops"] == pytest.approx(full["ideal_full_finetune_gflops"], rel=0.01)
+    # jf.scan: the ideal matmul FLOPs (no weight gradients of frozen layers, no backward
+    # below the lowest trainable one) and Adam state for the trainable layers only.
+    assert 0.99 * jf_scan["ideal_gflops"] <= jf_scan["matmul_gflops"] <= 1.01 * jf_scan[
+        "ideal_gflops"]
+    assert jf_scan["opt_state_bytes"] == 2 * jf_scan["trainable_bytes"] + 4
+    # A plain lax.scan computes every layer's weight gradients, masked or not ...
+    for name in ("optax_mask", "jf_layers"):
+        assert rows[name]["matmul_gflops"] == pytest.approx(full["matmul_gflops"], rel=0.01)
+        assert rows[name]["matmul_gflops"] > 1.05 * jf_scan["matmul_gflops"]
+    # ... and plain optax keeps Adam state for the frozen layers; jf.freeze does not.
+    assert rows["optax_mask"]["opt_state_bytes"] == full["opt_state_bytes"]
+    assert rows["jf_layers"]["opt_state_bytes"] == jf_scan["opt_state_bytes"]
+    for name in ("optax_mask", "jf_layers", "jf_scan"):
+        assert rows[name]["frozen_bits_kept"], name
+        assert rows[name]["loss0"] == pytest.approx(rows["jf_scan"]["loss0"], rel=1e-5), name
+    assert "step_ms_median" not in jf_scan  # --no-time: nothing timed
