@@ -3,9 +3,10 @@
 ``hlo_matmul_flops`` reads the text of the optimized HLO module
 (``jax.jit(f).lower(...).compile().as_text()``) and sums ``2 * prod(result) * prod(contracted)``
 over its ``dot`` ops (and ``convolution``s), wherever they sit (fusions included), times how
-often their computation is called. XLA's cost analysis (``jf.compiled_flops``) is reported
-beside it: it adds element-wise work, so it is not the number to compare with a matmul-only
-ideal.
+often their computation is called (loops by trip count): the parser of
+``jf.compiled_flops(..., matmul_only=True)``. ``jf.compiled_flops`` (XLA's cost analysis, loops
+by trip count) is reported beside it: it adds element-wise work, so it is not the number to
+compare with a matmul-only ideal.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from collections import defaultdict
@@ -24,145 +24,22 @@ from typing import Any
 import jax
 import numpy as np
 
+from jfreeze import _hlo
+
 # --------------------------------------------------------------------------
-# Optimized HLO text -> matmul FLOPs.
-
-_COMP_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_CALLEES = re.compile(
-    r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
-)
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-def _split_type(rest: str) -> tuple[str, str]:
-    """``'f32[2,3]{1,0} dot(...), ...'`` -> (type, the rest after it)."""
-    if rest.startswith("("):  # tuple type: up to the matching parenthesis
-        depth = 0
-        for i, c in enumerate(rest):
-            depth += c == "("
-            depth -= c == ")"
-            if depth == 0:
-                return rest[: i + 1], rest[i + 1 :].lstrip()
-    i = rest.find(" ")
-    return rest[:i], rest[i + 1 :]
-
-
-def _dims(shape: str) -> list[int]:
-    m = re.match(r"^[a-z0-9]+\[([^\]]*)\]", shape)
-    if not m or not m.group(1):
-        return []
-    return [int(x.lstrip("<=")) for x in m.group(1).split(",")]
-
-
-def _operands(body: str) -> list[str]:
-    """Operand names of ``op(a, b), attrs`` (the text after the op name)."""
-    depth, out = 0, ""
-    for c in body:
-        if c == "(":
-            depth += 1
-            if depth == 1:
-                continue
-        elif c == ")":
-            depth -= 1
-            if depth == 0:
-                break
-        if depth >= 1:
-            out += c
-    names = []
-    for tok in out.split(","):
-        tok = tok.strip()
-        if tok:
-            names.append(tok.split()[-1].lstrip("%"))
-    return names
-
-
-def _int_list(attrs: str, key: str) -> list[int]:
-    m = re.search(key + r"=\{([\d,]*)\}", attrs)
-    return [int(x) for x in m.group(1).split(",") if x] if m else []
+# Optimized HLO text -> matmul FLOPs: the library's parser (the one behind
+# ``jf.compiled_flops``), not a copy.
 
 
 def hlo_matmul_ops(hlo_text: str) -> list[dict]:
     """Every dot/convolution of an optimized HLO module: name, computation, FLOPs, calls."""
-    comps: dict[str, list[tuple[str, str, str]]] = {}  # comp -> [(name, type, rest)]
-    entry, current = None, None
-    for line in hlo_text.splitlines():
-        h = _COMP_HEADER.match(line)
-        if h:
-            current = h.group(2)
-            comps[current] = []
-            if h.group(1):
-                entry = current
-            continue
-        if current is None:
-            continue
-        if line.strip() == "}":
-            current = None
-            continue
-        m = _INSTR.match(line)
-        if m:
-            typ, rest = _split_type(m.group(2))
-            comps[current].append((m.group(1), typ, rest))
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-
-    # How many times each computation runs per execution of ENTRY.
-    edges: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for comp, instrs in comps.items():
-        for _, _, rest in instrs:
-            trip = _TRIP.search(rest)
-            times = int(trip.group(1)) if trip else 1
-            for kind, callee in _CALLEES.findall(rest):
-                edges[comp].append((callee, times if kind in ("body", "condition") else 1))
-            for group in _BRANCHES.findall(rest):
-                for callee in group.split(","):
-                    edges[comp].append((callee.strip().lstrip("%"), 1))
-    calls: dict[str, int] = defaultdict(int)
-    order, seen = [], set()
-
-    def visit(c):  # topological order (callers before callees)
-        if c in seen:
-            return
-        seen.add(c)
-        for callee, _ in edges.get(c, []):
-            visit(callee)
-        order.append(c)
-
-    visit(entry)
-    calls[entry] = 1
-    for c in reversed(order):
-        for callee, times in edges.get(c, []):
-            calls[callee] += calls[c] * times
-
-    ops = []
-    for comp, instrs in comps.items():
-        if not calls.get(comp):
-            continue
-        shapes = {name: typ for name, typ, _ in instrs}
-        for name, typ, rest in instrs:
-            op = rest.split("(", 1)[0].strip()
-            if op == "dot":
-                lhs = _dims(shapes[_operands(rest[len(op):])[0]])
-                contracted = int(np.prod([lhs[i] for i in _int_list(rest, "lhs_contracting_dims")]))
-                flops = 2 * int(np.prod(_dims(typ))) * contracted
-            elif op == "convolution":
-                kernel_name = _operands(rest[len(op):])[1]
-                kdims = _dims(shapes[kernel_name])
-                labels = re.search(r"dim_labels=\w*_(\w+)->", rest).group(1)
-                per_out = int(np.prod([n for n, lab in zip(kdims, labels, strict=True)
-                                       if lab != "o"]))
-                flops = 2 * int(np.prod(_dims(typ))) * per_out
-            else:
-                continue
-            ops.append({"name": name, "computation": comp, "flops": flops, "calls": calls[comp],
-                        "shape": typ})
-    return ops
+    return _hlo.matmul_ops(hlo_text)
 
 
 def hlo_matmul_flops(hlo_text: str) -> int:
-    """Total matmul FLOPs of one execution of an optimized HLO module."""
-    return sum(op["flops"] * op["calls"] for op in hlo_matmul_ops(hlo_text))
+    """Total matmul FLOPs of one execution of an optimized HLO module (loops by trip
+    count): ``jf.compiled_flops(..., matmul_only=True)`` for an already compiled step."""
+    return _hlo.count(hlo_text).matmul_flops
 
 
 # --------------------------------------------------------------------------
@@ -354,16 +231,11 @@ def profile_ops(hlo_text: str, run_fn: Callable[[], Any], *, steps: int = 10, to
     for op in hlo_matmul_ops(text):
         by_comp[op["computation"]] += op["flops"]
     kind, flops = {}, {}
-    for line in text.splitlines():
-        m = _INSTR.match(line)
-        if not m:
-            continue
-        typ, rest = _split_type(m.group(2))
-        op = rest.split("(", 1)[0]
-        callee = re.search(r"calls=%?([\w.\-]+)", rest)
-        kind[m.group(1)] = f"{typ.split('{')[0]} {op}" + (
-            " ynn" if "__ynn_fusion" in rest else "")
-        flops[m.group(1)] = by_comp.get(callee.group(1), 0) if callee else 0
+    for instr in (i for instrs in _hlo.parse(text)[0].values() for i in instrs):
+        callee = instr.callees("calls")
+        kind[instr.name] = f"{instr.type.split('{')[0]} {instr.op}" + (
+            " ynn" if "__ynn_fusion" in instr.rest else "")
+        flops[instr.name] = by_comp.get(callee[0], 0) if callee else 0
     for op in hlo_matmul_ops(text):  # dots outside fusions
         flops[op["name"]] = flops.get(op["name"]) or op["flops"]
     for _ in range(3):
