@@ -19,6 +19,8 @@ from jfreeze._tree import (
     describe_paths,
     is_array,
     is_placeholder,
+    runs,
+    slab,
 )
 from jfreeze.selectors import FrozenSpec, as_selector, nothing
 
@@ -58,13 +60,19 @@ class Row:
     Attributes:
       kind: ``"module"`` (a subtree, named by its path) or ``"label"``.
       name: the subtree's full path (``"bert/encoder/layer/3"``), or the label.
-      leaves: parameter leaves in it.
+      leaves: parameter leaves in it (0 in a layers row: its slices belong to the
+        leaves counted in the row it sits in).
       params: parameters (elements) in it.
       frozen: frozen parameters (element-wise selections counted by element).
       bytes: bytes of its parameters.
       level: nesting in the table: 1 for a top-level row, 2 for a row inside it, ...
       note: what the counts do not say (``"8 of 16 elements frozen"`` for a
-        partially frozen leaf), or ``""``.
+        partially frozen leaf, ``"8 of 12 layers frozen"`` for a stack), or ``""``.
+      layers: for a ``kind="layers"`` row, the run of layers it counts (a
+        ``range`` along the stack's layer axis) of the stacked leaves under
+        ``name``; else None. Such rows sit inside the row of a stack frozen by
+        whole layers (:func:`jfreeze.layers`, or any element selection of whole
+        slices along one axis), one row per run of frozen or trainable layers.
     """
 
     kind: str
@@ -75,6 +83,7 @@ class Row:
     bytes: int = 0
     level: int = 1
     note: str = ""
+    layers: range | None = None
 
     @property
     def trainable(self) -> int:
@@ -120,11 +129,14 @@ class Summary:
         return f"{100 * n / self.total:.1f}%" if self.total else "-"
 
     def _cells(self, r: Row) -> tuple[str, ...]:
-        return (f"{r.leaves:,}", f"{r.params:,}", f"{r.trainable:,}", f"{r.frozen:,}",
+        # A layers row slices the leaves of the row it sits in: their count is said there.
+        leaves = "" if r.kind == "layers" else f"{r.leaves:,}"
+        return (leaves, f"{r.params:,}", f"{r.trainable:,}", f"{r.frozen:,}",
                 _fmt_bytes(r.bytes), self._pct(r.params))
 
     def _sections(self) -> list[tuple[str, list[Row]]]:
-        out = [(k, [r for r in self.rows if r.kind == k]) for k in ("module", "label")]
+        modules = [r for r in self.rows if r.kind in ("module", "layers")]
+        out = [("module", modules), ("label", [r for r in self.rows if r.kind == "label"])]
         return [(f"by {k}", rows) for k, rows in out if rows]
 
     def _footer(self) -> list[tuple[str, str]]:
@@ -175,8 +187,9 @@ class Summary:
             body.append(f'<tr><th colspan="8" style="text-align:left">{esc(title)}</th></tr>')
             for r, label in zip(rows, _labels(rows), strict=True):
                 style = {"frozen": "color:#777", "mixed": "font-weight:bold"}.get(r.status, "")
+                title = f"{r.name} {label.strip()}" if r.kind == "layers" else r.name
                 name = (f'<td style="text-align:left;padding-left:{r.level}em" '
-                        f'title="{esc(r.name)}">{esc(label.strip())}</td>')
+                        f'title="{esc(title)}">{esc(label.strip())}</td>')
                 nums = "".join(cell.format(esc(c)) for c in self._cells(r))
                 note = f'<td style="text-align:left">{esc(r.note)}</td>'
                 body.append(f'<tr class="jf-{r.status}" style="{style}">{name}{nums}{note}</tr>')
@@ -197,12 +210,22 @@ def _labels(rows: list[Row]) -> list[str]:
         if r.kind == "label":
             out.append("  " + r.name)
             continue
+        if r.kind == "layers" and r.layers is not None:
+            out.append("  " * r.level + _span(r.layers))
+            continue
         del enclosing[r.level - 1:]
         parent = enclosing[-1] if enclosing else ""
         rel = r.name[len(parent) + 1:] if parent and r.name.startswith(parent + "/") else r.name
         enclosing.append(r.name)
         out.append("  " * r.level + (rel or "''"))  # an empty key is shown as ''"
     return out
+
+
+def _span(layers: range, word: str = "layer") -> str:
+    """``layer 3`` or ``layers 0-7`` (both ends included)."""
+    if len(layers) == 1:
+        return f"{word} {layers.start}"
+    return f"{word}s {layers.start}-{layers.stop - 1}"
 
 
 def summary(
@@ -236,6 +259,15 @@ def summary(
       that many rows (``depth=`` does not bound them either).
     - ``depth=k``: every subtree of the first ``k`` path segments, nested
       (``depth=1``: the top-level keys), as torchinfo's ``depth`` does.
+
+    Stacks: a leaf of 2 or more dimensions frozen by whole slices along one
+    axis (:func:`jfreeze.layers`, or any such element selection: whole columns
+    too) is a stack of layers. Its row opens into one ``kind="layers"`` row per
+    run of frozen or trainable layers (``layers 0-7``), each with its
+    parameters and bytes. A partly frozen subtree whose leaves are all stacks
+    frozen alike (the same layers of the same number) shows the runs once,
+    instead of a row per leaf (``depth=None``), or when it is the deepest row
+    shown (``depth=k``).
 
     Either way the innermost rows partition the parameters: their counts add
     up to ``total``, ``trainable`` and ``frozen``.
@@ -283,15 +315,37 @@ def summary(
         0                  1      16          0      16   64 B     18.2%
         1                  1      16         16       0   64 B     18.2%
         2                  1      16         16       0   64 B     18.2%
-      head/w               1       8          4       4   32 B      9.1%  4 of 8 elements frozen
+      head/w               1       8          4       4   32 B      9.1%  1 of 2 layers on ...
+        layer 0                    4          0       4   16 B      4.5%  frozen
+        layer 1                    4          4       0   16 B      4.5%  trainable
     --------------------------------------------------------------------
     total      88 params, 352 B
     trainable  36 params (40.9%), 144 B
     frozen     52 params (59.1%), 208 B
-    >>> [r.name for r in jf.summary(params, frozen=frozen, depth=1).rows]
-    ['embed', 'encoder', 'head']
-    >>> [(r.name, r.level) for r in jf.summary(params, frozen=frozen, depth=2).rows]
+
+    >>> [(r.kind, r.name) for r in jf.summary(params, frozen=frozen, depth=1).rows]
+    [('module', 'embed'), ('module', 'encoder'), ('module', 'head'), ('layers', 'head'), \
+('layers', 'head')]
+    >>> [(r.name, r.level) for r in jf.summary(params, frozen=frozen, depth=2).rows
+    ...  if r.kind == "module"]
     [('embed', 1), ('encoder', 1), ('encoder/layers', 2), ('head', 1), ('head/w', 2)]
+
+    A stack (one array per parameter with a layer axis, as ``nn.scan`` builds
+    it) frozen by whole layers shows its runs of layers, once for a group of
+    stacks frozen alike:
+
+    >>> stack = {"layers": {"w": jnp.ones((12, 4, 4)), "b": jnp.ones((12, 4))}}
+    >>> print(jf.summary(stack, frozen=jf.layers("layers/**", range(8))))
+                   leaves  params  trainable  frozen    bytes  % params
+    -------------------------------------------------------------------
+    by module
+      layers            2     240         80     160    960 B    100.0%  8 of 12 layers frozen
+        layers 0-7            160          0     160    640 B     66.7%  frozen
+        layers 8-11            80         80       0    320 B     33.3%  trainable
+    -------------------------------------------------------------------
+    total      240 params, 960 B
+    trainable  80 params (33.3%), 320 B
+    frozen     160 params (66.7%), 640 B
     """
     _check_layout_args(depth, max_rows)
     sel = nothing if frozen is None else as_selector(frozen)
@@ -332,6 +386,21 @@ def _check_layout_args(depth: Any, max_rows: Any) -> None:
         raise ValueError(f"jf.summary: max_rows= is an int >= 1, got {max_rows!r}")
 
 
+#: How a leaf is frozen by whole layers: (axis, frozen per layer), or None if it is not.
+_Stack = tuple[int, tuple[bool, ...]] | None
+
+
+def _stack_of(x: Any, m: Mask) -> _Stack:
+    """A stacked leaf (2-D or more) frozen by whole slices along one axis: its layers.
+
+    A 1-D leaf's partial mask is a slab too, but its elements are no layers.
+    """
+    if isinstance(m, bool) or len(np.shape(x)) < 2:
+        return None
+    found = slab(np.broadcast_to(m, np.shape(x)))
+    return None if found is None else (found[0], tuple(bool(v) for v in found[1]))
+
+
 @dataclasses.dataclass
 class _Node:
     """A subtree of the parameter paths (split at ``/``) and its counts."""
@@ -339,6 +408,7 @@ class _Node:
     row: Row
     children: dict[str, _Node] = dataclasses.field(default_factory=dict)
     is_leaf: bool = False  # a parameter leaf sits at exactly this path
+    stacks: set[_Stack] = dataclasses.field(default_factory=set)  # of the leaves under it
 
     def kids(self) -> list[_Node]:
         """Children in tree order; numbered ones (``layer/10``) in numeric order."""
@@ -349,6 +419,33 @@ class _Node:
 
     def opens(self) -> bool:
         return bool(self.children) and not self.is_leaf
+
+    def stack(self) -> _Stack:
+        """The layers of a partly frozen subtree whose leaves are all stacks frozen alike."""
+        if self.row.status != "mixed" or len(self.stacks) != 1:
+            return None
+        return next(iter(self.stacks))
+
+    def layer_rows(self, level: int) -> list[Row]:
+        """One row per run of frozen or trainable layers (they partition this row)."""
+        stack = self.stack()
+        assert stack is not None
+        frozen = stack[1]
+        r, n = self.row, len(frozen)
+        out = []
+        for start, stop, value in runs(np.array(frozen)):
+            # Every leaf under r has n layers of equal size: each run holds its share.
+            params, nbytes = r.params * (stop - start) // n, r.bytes * (stop - start) // n
+            out.append(Row("layers", r.name, 0, params, params if value else 0, nbytes,
+                           level, "frozen" if value else "trainable", range(start, stop)))
+        r.note = _layers_note(stack)
+        return out
+
+
+def _layers_note(stack: tuple[int, tuple[bool, ...]]) -> str:
+    axis, frozen = stack
+    on = f" on axis {axis}" if axis else ""
+    return f"{sum(frozen)} of {len(frozen)} layers{on} frozen"
 
 
 def _count(
@@ -365,15 +462,19 @@ def _count(
         nf = n if m is True else 0 if m is False else int(np.sum(np.broadcast_to(m, np.shape(x))))
         b = _nbytes(x)
         frozen_bytes += b if m is True else 0 if m is False else nf * _itemsize(x)
-        node, rows = root, [root.row]
+        stack = _stack_of(x, m)
+        node, nodes = root, [root]
         segments = path.split("/") if path else ["(root)"]
         for i, seg in enumerate(segments):
             name = "/".join(segments[: i + 1])
             node = node.children.setdefault(seg, _Node(Row("module", name)))
-            rows.append(node.row)
+            nodes.append(node)
         node.is_leaf = True
         if 0 < nf < n:
-            node.row.note = f"{nf:,} of {n:,} elements frozen"
+            node.row.note = _layers_note(stack) if stack else f"{nf:,} of {n:,} elements frozen"
+        rows = [nd.row for nd in nodes]
+        for nd in nodes:
+            nd.stacks.add(stack)
         if label is not None:  # 1, True and "1" are three labels to optax
             try:
                 row = labels.setdefault((type(label), label), Row("label", str(label)))
@@ -401,20 +502,31 @@ def _chain(node: _Node) -> _Node:
     return node
 
 
-def _auto_open(root: _Node, max_rows: int) -> set[str]:
-    """The rows ``depth=None`` opens: partly frozen ones, breadth-first, within max_rows."""
+def _auto_open(root: _Node, max_rows: int) -> dict[str, str]:
+    """The rows ``depth=None`` opens, into ``"kids"`` or ``"layers"``: partly frozen
+    ones, breadth-first, within max_rows. A subtree of stacks frozen alike shows its
+    runs of layers once rather than opening into its leaves."""
     tops = [_chain(c) for c in root.kids()]
-    count, opened = len(tops), set()
+    count, opened = len(tops), {}
     queue = collections.deque(tops)
     while queue:
         node = queue.popleft()
+        stack = node.stack()
+        if stack is not None:
+            n_runs = len(runs(np.array(stack[1])))
+            if count + n_runs <= max_rows:
+                opened[node.row.name] = "layers"
+                count += n_runs
+            elif not node.is_leaf:
+                node.row.note = f"partly frozen: {n_runs} rows inside (max_rows=, depth=)"
+            continue
         if node.row.status != "mixed" or not node.opens():
             continue
         kids = [_chain(c) for c in node.kids()]
         if count + len(kids) > max_rows:
             node.row.note = f"partly frozen: {len(kids)} rows inside (max_rows=, depth=)"
             continue
-        opened.add(node.row.name)
+        opened[node.row.name] = "kids"
         count += len(kids)
         queue.extend(kids)
     return opened
@@ -422,7 +534,7 @@ def _auto_open(root: _Node, max_rows: int) -> set[str]:
 
 def _layout(root: _Node, depth: int | None, max_rows: int) -> list[Row]:
     """The module rows in table order (pre-order), each with its level set."""
-    opened = _auto_open(root, max_rows) if depth is None else set()
+    opened = _auto_open(root, max_rows) if depth is None else {}
     out: list[Row] = []
 
     def emit(node: _Node, level: int) -> None:
@@ -430,10 +542,17 @@ def _layout(root: _Node, depth: int | None, max_rows: int) -> list[Row]:
             node = _chain(node)
         node.row.level = level
         out.append(node.row)
-        deeper = node.row.name in opened if depth is None else level < depth
-        if deeper and node.opens():
+        if depth is None:
+            how = opened.get(node.row.name)
+        elif level < depth and node.opens():
+            how = "kids"
+        else:  # the deepest row shown: a stack (or a group of stacks) shows its layers
+            how = "layers" if node.stack() is not None else None
+        if how == "kids":
             for kid in node.kids():
                 emit(kid, level + 1)
+        elif how == "layers":
+            out.extend(node.layer_rows(level + 1))
 
     for top in root.kids():
         emit(top, 1)
@@ -555,6 +674,20 @@ def _moved(path: str, a: Any, b: Any, m: Mask, compare: str) -> str:
     i = tuple(int(j) for j in np.argwhere(changed)[0])
     where = f"first at {list(i)}: " if i else ""
     return (
-        f"{path!r} ({k} of {n} frozen elements; {where}{a[i]} ({_hex(bits_a[i])}) "
-        f"-> {b[i]} ({_hex(bits_b[i])}))"
+        f"{path!r} ({k} of {n} frozen elements{_moved_layers(a, m, changed)}; "
+        f"{where}{a[i]} ({_hex(bits_a[i])}) -> {b[i]} ({_hex(bits_b[i])}))"
     )
+
+
+def _moved_layers(x: np.ndarray, m: Mask, changed: np.ndarray) -> str:
+    """``", in layer 3 of 12 on axis 0"`` for a stack frozen by whole layers, else ``""``."""
+    stack = _stack_of(x, m)
+    if stack is None:
+        return ""
+    axis, frozen = stack
+    others = tuple(j for j in range(x.ndim) if j != axis)
+    spans = [range(a, b) for a, b, v in runs(np.asarray(changed.any(axis=others))) if v]
+    text = ", ".join(str(r.start) if len(r) == 1 else f"{r.start}-{r.stop - 1}"
+                     for r in spans)
+    word = "layer" if len(spans) == 1 and len(spans[0]) == 1 else "layers"
+    return f", in {word} {text} of {len(frozen)} on axis {axis}"

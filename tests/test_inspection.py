@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import jax
@@ -176,7 +177,9 @@ def test_assert_frozen_element_wise_checks_only_frozen_elements():
     before = {"w": jnp.zeros((2, 3))}
     after = {"w": jnp.zeros((2, 3)).at[:, 1:].set(1.0)}
     jf.assert_frozen(before, after, frozen=jf.elements("w", np.s_[:, 0]))
-    with pytest.raises(AssertionError, match=r"'w' \(2 of 4 frozen elements; first at \[0, 1\]"):
+    # whole columns: a slab along axis 1, so the moved column is named as a layer
+    with pytest.raises(AssertionError, match=r"'w' \(2 of 4 frozen elements, in layer 1 of 3 "
+                       r"on axis 1; first at \[0, 1\]"):
         jf.assert_frozen(before, after, frozen=jf.elements("w", np.s_[:, :2]))
 
 
@@ -303,8 +306,9 @@ EMBEDDINGS = (30522 + 512 + 2) * 768 + 2 * 768                                  
 
 
 def _innermost(rows):
-    """The module rows with no row inside them (they partition the parameters)."""
-    rows = [r for r in rows if r.kind == "module"]
+    """The module rows with no row inside them, and the layer rows inside a stack's row
+    (they partition the parameters)."""
+    rows = [r for r in rows if r.kind in ("module", "layers")]
     return [r for r, nxt in zip(rows, [*rows[1:], None], strict=True)
             if nxt is None or nxt.level <= r.level]
 
@@ -373,18 +377,21 @@ def test_summary_bert_max_rows_keeps_a_mixed_row_closed_and_says_so():
 
 
 def test_summary_bert_element_wise_leaf_row_and_labels():
+    # Half a column: not whole slices along one axis (those are shown by layers, see
+    # tests/test_layers_inspection.py), so the row counts the elements.
     frozen = BERT_FROZEN | jf.paths("bert/pooler/**") | jf.elements("classifier/kernel",
-                                                                      np.s_[:, 0])
+                                                                      np.s_[:384, 0])
     label_fn = jf.labels({"frozen": BERT_FROZEN, "pooler": jf.paths("bert/pooler/**")},
                          default="head")
     s = jf.summary(bert_base(), frozen=frozen, labels=label_fn)
     rows = {(r.kind, r.name): r for r in s.rows}
     kernel = rows["module", "classifier/kernel"]
-    assert (kernel.level, kernel.params, kernel.frozen) == (2, 1536, 768)
-    assert kernel.note == "768 of 1,536 elements frozen" and kernel.status == "mixed"
+    assert (kernel.level, kernel.params, kernel.frozen) == (2, 1536, 384)
+    assert kernel.note == "384 of 1,536 elements frozen" and kernel.status == "mixed"
     assert rows["module", "classifier/bias"].note == ""
-    assert re.search(r"\n    kernel\s+1\s+1,536\s+768\s+768\s+6\.0 KiB\s+0\.0%  "
-                     r"768 of 1,536 elements frozen\n", str(s)), str(s)
+    assert not [r for r in s.rows if r.kind == "layers"]
+    assert re.search(r"\n    kernel\s+1\s+1,536\s+1,152\s+384\s+6\.0 KiB\s+0\.0%  "
+                     r"384 of 1,536 elements frozen\n", str(s)), str(s)
     assert rows["label", "frozen"].params == EMBEDDINGS + 8 * LAYER
     assert rows["label", "head"].params == 4 * LAYER + 768 * 2 + 2
     assert rows["label", "head"].level == 1 and "by label" in str(s)
@@ -430,25 +437,48 @@ def test_summary_property_rows_partition_the_totals(case, depth, max_rows):
                      for i, x in enumerate(leaves)]
     s = jf.summary(params, frozen=selection.selector, depth=depth, max_rows=max_rows)
     assert (s.total, s.frozen) == (sum(sizes), sum(frozen_counts))
-    names = [r.name for r in s.rows]
+    modules = [r for r in s.rows if r.kind == "module"]
+    names = [r.name for r in modules]
     assert len(set(names)) == len(names)
-    for r in s.rows:  # every row counts exactly the leaves at or under its path
+    for r in modules:  # every row counts exactly the leaves at or under its path
         assert (r.leaves, r.params, r.frozen) == _ground_truth(paths, sizes, frozen_counts, r.name)
+    _check_layer_rows(s.rows)
     inner = _innermost(s.rows)  # the innermost rows partition the totals
     assert sum(r.params for r in inner) == s.total
     assert sum(r.frozen for r in inner) == s.frozen
-    assert sum(r.leaves for r in inner) == len(leaves)
+    assert sum(r.leaves for r in _innermost(modules)) == len(leaves)
     tops = [r for r in s.rows if r.level == 1]
     assert sum(r.params for r in tops) == s.total
     if depth is not None:
-        assert all(r.level == r.name.count("/") + 1 <= depth for r in s.rows)
+        assert all(r.level == r.name.count("/") + 1 <= depth for r in modules)
     else:  # a mixed row stays closed only when it is one leaf or max_rows is reached
-        closed = [r for r in inner if r.status == "mixed" and r.leaves > 1]
+        shown = {r.name for r in s.rows if r.kind == "layers"}  # opened into its layers
+        closed = [r for r in inner if r.status == "mixed" and r.leaves > 1 and r.name not in shown]
         assert all(r.note.startswith("partly frozen") for r in closed)
-        if max_rows >= 2 * len(leaves):  # never reached: every innermost row is one status
+        if max_rows >= 2 * len(leaves) + 8:  # never reached: every innermost row is one status
             assert closed == []
     for level in range(1, max(r.level for r in s.rows) + 1):  # and so do the rows of each level
         part = [r for r in s.rows if r.level == level] + [r for r in inner if r.level < level]
+        part = [r for r in part if r.kind == "module" or r.level == level]
         assert (sum(r.params for r in part), sum(r.frozen for r in part)) == (s.total, s.frozen)
     page = s._repr_html_()
     assert page.count('<tr class="jf-') == len(s.rows)
+
+
+def _check_layer_rows(rows):
+    """The layer rows right after a row partition it: consecutive runs, one status each."""
+    for i, r in enumerate(rows):
+        inside = []
+        for nxt in rows[i + 1:]:
+            if nxt.kind != "layers" or nxt.level != r.level + 1:
+                break
+            inside.append(nxt)
+        if r.kind != "module" or not inside:
+            continue
+        assert r.status == "mixed" and "layers" in r.note
+        assert all(x.name == r.name and x.status != "mixed" for x in inside)
+        assert inside[0].layers.start == 0
+        assert all(a.layers.stop == b.layers.start and a.status != b.status
+                   for a, b in itertools.pairwise(inside))
+        assert (sum(x.params for x in inside), sum(x.frozen for x in inside),
+                sum(x.bytes for x in inside)) == (r.params, r.frozen, r.bytes)
