@@ -24,15 +24,19 @@ from jfreeze._tree import (
     describe_paths,
     is_array,
     leaves_with_paths,
+    runs,
     shape_dtype,
     simplify,
+    slab,
 )
 from jfreeze.selectors import FrozenSpec, Selector, as_selector
 
 __all__ = ["check_manifest", "freeze_manifest", "restore_trainable", "save_trainable"]
 
 FORMAT = "jfreeze.trainable_checkpoint"
-VERSION = 2  # 2: collections (version 1 manifests, without them, still load)
+# 2: collections. 3: the frozen layers of a stack are saved by reference (an entry's
+# "layers"): its array on disk holds the trainable layers only. Versions 1 and 2 still load.
+VERSION = 3
 _SHOWN = 8  # mismatches listed in an error
 
 
@@ -170,8 +174,20 @@ Collections = Mapping[str, Any]
 """Named trees beside the params (``{"batch_stats": stats}``), saved and checked by path."""
 
 
+def _frozen_layers(x: Any, m: Mask) -> dict[str, Any] | None:
+    """``{"axis": a, "frozen": [layers]}`` of a stack (2 or more dims, as jf.summary
+    counts them) frozen by whole slices along one axis, else None."""
+    if isinstance(m, bool) or len(getattr(x, "shape", ())) < 2:
+        return None
+    found = slab(np.broadcast_to(m, x.shape))
+    if found is None:
+        return None
+    return {"axis": found[0], "frozen": [int(i) for i in np.flatnonzero(found[1])]}
+
+
 def _entries(flat: Flat, masks: Sequence[Mask], include_frozen: bool) -> list[dict[str, Any]]:
-    """The manifest entries of a tree's leaves: path, shape, dtype, status, saved."""
+    """The manifest entries of a tree's leaves: path, shape, dtype, status, saved, and
+    for a stack frozen by layers (not ``include_frozen``), which layers stay on disk."""
     leaves = []
     for (path, x), m in zip(flat.entries, masks, strict=True):
         entry = _record(path, x)
@@ -181,9 +197,33 @@ def _entries(flat: Flat, masks: Sequence[Mask], include_frozen: bool) -> list[di
             entry["status"] = "trainable"
         else:
             entry.update(status="partial", mask_sha256=_mask_hash(m), frozen_elements=int(m.sum()))
+            layers = None if include_frozen else _frozen_layers(x, m)
+            if layers is not None:
+                entry["layers"] = layers  # the trainable layers are saved, the frozen referenced
         entry["saved"] = bool(m is not True or include_frozen)  # JSON true/false, never 1
         leaves.append(entry)
     return leaves
+
+
+def _slices(x: Any, axis: int, index: Sequence[int]) -> Any:
+    """The layers ``index`` of ``x`` along ``axis``, stacked (a gather: every bit kept)."""
+    at = (slice(None),) * axis + (np.asarray(index, dtype=np.int32),)
+    return x[at]
+
+
+def _layer(x: Any, axis: int, i: int) -> Any:
+    return x[(slice(None),) * axis + (i,)]
+
+
+def _trainable_layers(e: dict[str, Any]) -> list[int]:
+    frozen = set(e["layers"]["frozen"])
+    return [i for i in range(e["shape"][e["layers"]["axis"]]) if i not in frozen]
+
+
+def _saved_value(x: Any, e: dict[str, Any]) -> Any:
+    """What is written for a saved leaf: its (key) data, only the trainable layers of a stack."""
+    v = _key_data(x)
+    return _slices(v, e["layers"]["axis"], _trainable_layers(e)) if "layers" in e else v
 
 
 def _holds_values(x: Any) -> bool:
@@ -192,13 +232,20 @@ def _holds_values(x: Any) -> bool:
 
 
 def _add_fingerprints(entries: list[dict[str, Any]], flat: Flat) -> None:
-    frozen_at = [
-        i for i, (e, (_, x)) in enumerate(zip(entries, flat.entries, strict=True))
-        if e["status"] == "frozen" and _holds_values(x)
-    ]
-    prints = _fingerprint_all([flat.entries[i][1] for i in frozen_at])
-    for i, fp in zip(frozen_at, prints, strict=True):
+    """A fingerprint of each frozen leaf, and of each frozen layer of a stack (that of
+    the slice as a leaf of its own), so that a mismatch names the layer."""
+    pairs = list(zip(entries, flat.entries, strict=True))
+    frozen_at = [i for i, (e, (_, x)) in enumerate(pairs)
+                 if e["status"] == "frozen" and _holds_values(x)]
+    stacks = [(e, _key_data(x)) for e, (_, x) in pairs if "layers" in e and _holds_values(x)]
+    layers = [_layer(v, e["layers"]["axis"], i) for e, v in stacks for i in e["layers"]["frozen"]]
+    prints = _fingerprint_all([flat.entries[i][1] for i in frozen_at] + layers)
+    for i, fp in zip(frozen_at, prints[:len(frozen_at)], strict=True):
         entries[i]["fingerprint"] = fp
+    prints = prints[len(frozen_at):]
+    for e, _ in stacks:
+        k = len(e["layers"]["frozen"])
+        e["layers"]["fingerprints"], prints = prints[:k], prints[k:]
 
 
 def _collection_masks(name: str, flat: Flat, sel: Selector,
@@ -366,6 +413,28 @@ def _entry_problem(e: Any, include_frozen: bool, state: bool) -> str | None:
         return "is partially frozen without a 'mask_sha256' string and 'frozen_elements' count"
     if not isinstance(e.get("fingerprint", ""), str):
         return "has a 'fingerprint' that is not a string"
+    if "layers" in e:
+        return _layers_problem(e)
+    return None
+
+
+def _layers_problem(e: dict) -> str | None:
+    """What is wrong with the ``layers`` of an entry (version 3: a stack's frozen layers)."""
+    layers, shape = e["layers"], e["shape"]
+    if e["status"] != "partial" or not e["saved"] or not isinstance(layers, dict):
+        return f"has 'layers' {layers!r:.60} but is not a saved, partially frozen leaf"
+    axis, frozen = layers.get("axis"), layers.get("frozen")
+    if type(axis) is not int or not 0 <= axis < len(shape):
+        return f"has 'layers' with 'axis' {axis!r:.60}, not an axis of its shape {shape}"
+    n = shape[axis]
+    if not (isinstance(frozen, list) and all(type(i) is int for i in frozen)
+            and frozen == sorted(set(frozen)) and 0 < len(frozen) < n
+            and frozen[0] >= 0 and frozen[-1] < n):
+        return f"has 'layers' with 'frozen' {frozen!r:.60}, not some of its {n} layers"
+    prints = layers.get("fingerprints", [""] * len(frozen))  # none: saved without them
+    if not (isinstance(prints, list) and len(prints) == len(frozen)
+            and all(isinstance(p, str) for p in prints)):
+        return "has 'layers' whose 'fingerprints' are not one string per frozen layer"
     return None
 
 
@@ -503,21 +572,23 @@ def _check_collections(manifest: dict, collections: Collections, sel: Selector,
 
 
 def _verify_frozen(manifest: dict, collection: str, was: dict[str, dict], flat: Flat) -> None:
-    """Frozen leaves saved by reference must be those the checkpoint was trained with."""
-    moved = _moved_frozen(was, flat)
-    if not moved:
+    """Frozen leaves and frozen layers of stacks saved by reference must be those the
+    checkpoint was trained with."""
+    moved, layers = _moved_frozen(was, flat), _moved_layers(was, flat)
+    if not (moved or layers):
         return
     source = manifest.get("frozen_source")
     by_ref = f" (saved by reference to {source!r})" if source else ""
+    of = f" of the collection {collection!r}" if collection else ""
+    what = [f"the frozen leaves{of} at {describe_paths(moved)}"] if moved else []
+    what += [f"the frozen layers{of} at {', '.join(layers[:_SHOWN])}"] if layers else []
+    differ = f"{' and '.join(what)} differ from those the checkpoint was trained with{by_ref}"
+    if layers and not moved:
+        differ += " (the trainable layers of a stack may hold anything)"
     if not collection:
-        raise ValueError(
-            f"the frozen leaves at {describe_paths(moved)} differ from those the checkpoint "
-            f"was trained with{by_ref}: load the same frozen weights, or pass "
-            "verify_frozen=False."
-        )
+        raise ValueError(f"{differ}: load the same frozen weights, or pass verify_frozen=False.")
     raise ValueError(
-        f"the frozen leaves of the collection {collection!r} at {describe_paths(moved)} differ "
-        f"from those the checkpoint was trained with{by_ref}: load the same ones; if they "
+        f"{differ}: load the same ones; if they "
         "change in training (BatchNorm statistics of a frozen part updated in train mode), "
         f"they are not frozen: save them with collection_frozen={{{collection!r}: "
         "jf.nothing}; or pass verify_frozen=False."
@@ -575,6 +646,34 @@ def _moved_frozen(was: dict[str, dict], flat: Flat) -> list[str]:
     return [p for (p, _), fp in zip(check, prints, strict=True) if fp != was[p]["fingerprint"]]
 
 
+def _moved_layers(was: dict[str, dict], flat: Flat) -> list[str]:
+    """``"'stack/w' layer 3 of 12 on axis 0"`` for each stack whose frozen layers, not
+    saved, differ from their fingerprints in the manifest."""
+    check = [(p, x, was[p]["layers"]) for p, x in flat.entries
+             if "fingerprints" in was.get(p, {}).get("layers", {}) and _holds_values(x)]
+    prints = _fingerprint_all([_layer(_key_data(x), layers["axis"], i)
+                               for _, x, layers in check for i in layers["frozen"]])
+    out = []
+    for p, _, layers in check:
+        k = len(layers["frozen"])
+        now, prints = prints[:k], prints[k:]
+        moved = [i for i, a, b in zip(layers["frozen"], now, layers["fingerprints"], strict=True)
+                 if a != b]
+        if moved:
+            out.append(_named_layers(p, was[p], moved))
+    return out
+
+
+def _named_layers(path: str, e: dict[str, Any], index: Sequence[int]) -> str:
+    """``"'stack/w' layers 0-7 of 12 on axis 0"`` (runs of the sorted ``index``)."""
+    axis = e["layers"]["axis"]
+    n = e["shape"][axis]
+    spans = ", ".join(str(a) if b == a + 1 else f"{a}-{b - 1}"
+                      for a, b, v in runs(np.isin(np.arange(n), index)) if v)
+    word = "layer" if len(index) == 1 else "layers"
+    return f"{path!r} {word} {spans} of {n} on axis {axis}"
+
+
 def _abstract(x: Any) -> Any:
     sharding = getattr(x, "sharding", None)
     if sharding is None:
@@ -583,6 +682,42 @@ def _abstract(x: Any) -> Any:
         data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
         return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _abstract_layers(x: Any, axis: int, k: int) -> Any:
+    """What is read of a stack saved by layers: ``k`` layers along ``axis``, sharded as
+    the template where ``k`` layers can be (else not split along the layer axis)."""
+    whole = _abstract(x)
+    shape = (*whole.shape[:axis], k, *whole.shape[axis + 1:])
+    sharding = whole.sharding
+    try:
+        sharding.shard_shape(shape)
+    except ValueError:  # e.g. 12 layers on 4 devices, 4 of them trainable: 4 % 3 != 0
+        if not isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        else:
+            spec = [*sharding.spec, *[None] * (len(shape) - len(sharding.spec))]
+            spec[axis] = None
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.ShapeDtypeStruct(shape, whole.dtype, sharding=sharding)
+
+
+def _put_layers(x: Any, got: Any, e: dict[str, Any]) -> Any:
+    """The template's stack (its frozen layers) with the trainable layers read back."""
+    axis, index = e["layers"]["axis"], _trainable_layers(e)
+    base = _key_data(x)
+    if isinstance(base, np.ndarray):
+        out = np.array(base)
+        out[(slice(None),) * axis + (np.asarray(index),)] = np.asarray(got)
+    else:
+        out = jax.jit(_scatter_layers, static_argnums=(2, 3),
+                      out_shardings=base.sharding)(base, got, axis, tuple(index))
+    return _value_of(x, out) if _is_key(x) else out
+
+
+def _scatter_layers(x: Any, got: Any, axis: int, index: tuple[int, ...]) -> Any:
+    # A scatter copies bits (no arithmetic): NaN payloads, -0.0, subnormals are kept.
+    return x.at[(slice(None),) * axis + (np.asarray(index),)].set(got)
 
 
 def save_trainable(
@@ -662,7 +797,7 @@ def save_trainable(
     flat = Flat.of(params)
     items: dict[str, Any] = {"manifest": ocp.args.JsonSave(manifest)}
     pairs = zip(flat.leaves, manifest["params"], strict=True)
-    saved = {f"p{i}": _key_data(x) for i, (x, e) in enumerate(pairs) if e["saved"]}
+    saved = {f"p{i}": _saved_value(x, e) for i, (x, e) in enumerate(pairs) if e["saved"]}
     if saved:
         items["params"] = ocp.args.StandardSave(saved)
     if opt_state is not None:
@@ -671,7 +806,7 @@ def save_trainable(
         if state:
             items["opt_state"] = ocp.args.StandardSave(state)
     colls = {
-        f"c{c}_{i}": _key_data(x)
+        f"c{c}_{i}": _saved_value(x, e)
         for c, name in enumerate(manifest["collections"])
         for i, (x, e) in enumerate(zip(Flat.of(collections[name]).leaves,  # type: ignore[index]
                                        manifest["collections"][name], strict=True))
@@ -719,19 +854,33 @@ def _value_of(template: Any, value: Any) -> Any:
 
 @dataclasses.dataclass
 class _Part:
-    """One tree to restore: its leaves, and the on-disk key of each saved path."""
+    """One tree to restore: its leaves, the on-disk key of each saved path, and the
+    manifest entry of each stack saved by its trainable layers."""
 
     item: str
     flat: Flat
     keys: dict[str, str]
+    stacks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def wanted(self) -> dict[str, Any]:
-        return {self.keys[p]: _abstract(x if is_array(x) else jnp.asarray(x))
-                for p, x in self.flat.entries if p in self.keys}
+        out = {}
+        for p, x in self.flat.entries:
+            if p in self.stacks:
+                e = self.stacks[p]
+                out[self.keys[p]] = _abstract_layers(x, e["layers"]["axis"],
+                                                     len(_trainable_layers(e)))
+            elif p in self.keys:
+                out[self.keys[p]] = _abstract(x if is_array(x) else jnp.asarray(x))
+        return out
+
+    def value(self, p: str, x: Any, got: dict[str, Any]) -> Any:
+        if p not in self.keys:
+            return x
+        read = got[self.item][self.keys[p]]
+        return _put_layers(x, read, self.stacks[p]) if p in self.stacks else _value_of(x, read)
 
     def tree(self, got: dict[str, Any]) -> Any:
-        return self.flat.unflatten([_value_of(x, got[self.item][self.keys[p]])
-                                    if p in self.keys else x for p, x in self.flat.entries])
+        return self.flat.unflatten([self.value(p, x, got) for p, x in self.flat.entries])
 
 
 def _parts(manifest: dict, params: Any, opt_state: Any, collections: Collections | None,
@@ -739,7 +888,7 @@ def _parts(manifest: dict, params: Any, opt_state: Any, collections: Collections
     """What to read (the on-disk keys p{i} / s{i} / c{c}_{i} are the positions of the
     manifest's entries: check_manifest made sure that the paths are the same and unique)."""
     saved_as = {e["path"]: f"p{i}" for i, e in enumerate(manifest["params"]) if e["saved"]}
-    parts = [_Part("params", Flat.of(params), saved_as)]
+    parts = [_Part("params", Flat.of(params), saved_as, _stacks(manifest["params"]))]
     _refuse_missing(parts[0], manifest, "", where)
     if opt_state is not None:
         state_as = {e["path"]: f"s{i}" for i, e in enumerate(manifest["opt_state"])}
@@ -749,9 +898,14 @@ def _parts(manifest: dict, params: Any, opt_state: Any, collections: Collections
             break
         keys = {e["path"]: f"c{c}_{i}"
                 for i, e in enumerate(manifest["collections"][name]) if e["saved"]}
-        parts.append(_Part("collections", Flat.of(collections[name]), keys))
+        parts.append(_Part("collections", Flat.of(collections[name]), keys,
+                           _stacks(manifest["collections"][name])))
         _refuse_missing(parts[-1], manifest, name, where)
     return parts
+
+
+def _stacks(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {e["path"]: e for e in entries if "layers" in e}
 
 
 def restore_trainable(
@@ -845,16 +999,22 @@ def _read_manifest(ocp: Any, ckptr: Any, path: str, where: str) -> Any:
 
 
 def _refuse_missing(part: _Part, manifest: dict, collection: str, where: str) -> None:
-    """Frozen leaves not saved must be given as arrays in the template."""
+    """Frozen leaves not saved, and stacks whose frozen layers were not, must be given
+    as arrays in the template."""
     missing = [p for p, x in part.flat.entries
-               if p not in part.keys and not _holds_values(x)]
-    if missing:
-        source = manifest.get("frozen_source")
-        of = f" of the collection {collection!r}" if collection else ""
-        given = f"collections={{{collection!r}: ...}}" if collection else "params"
-        raise ValueError(
-            f"{where}: the frozen leaves{of} at {describe_paths(missing)} are not in the "
-            "checkpoint"
-            + (f" (saved by reference to {source!r})" if source else "")
-            + f"; pass {given} that hold their values."
-        )
+               if (p not in part.keys or p in part.stacks) and not _holds_values(x)]
+    if not missing:
+        return
+    source = manifest.get("frozen_source")
+    of = f" of the collection {collection!r}" if collection else ""
+    given = f"collections={{{collection!r}: ...}}" if collection else "params"
+    leaves = [p for p in missing if p not in part.stacks]
+    stacks = [_named_layers(p, part.stacks[p], part.stacks[p]["layers"]["frozen"])
+              for p in missing if p in part.stacks]
+    what = [f"the frozen leaves{of} at {describe_paths(leaves)}"] if leaves else []
+    what += [f"the frozen layers{of} at {', '.join(stacks[:_SHOWN])}"] if stacks else []
+    raise ValueError(
+        f"{where}: {' and '.join(what)} are not in the checkpoint"
+        + (f" (saved by reference to {source!r})" if source else "")
+        + f"; pass {given} that hold their values."
+    )

@@ -75,8 +75,13 @@ def saved(tmp_path_factory):
 
 
 def _fresh():
-    """A fresh process: frozen weights from their source, the rest freshly initialised."""
+    """A fresh process: frozen weights from their source, the rest freshly initialised.
+
+    Head column 0 is frozen by whole slices (a slab along axis 1), so like 'emb' it is
+    saved by reference: its frozen column comes from its source too."""
     params = {**_params(seed=1), "emb": _pretrained()}
+    column = _params(0)["head"]["w"][:, 0]
+    params["head"] = {"w": params["head"]["w"].at[:, 0].set(column)}
     return params, TX.init(params)
 
 
@@ -106,12 +111,15 @@ def test_frozen_leaves_are_not_saved_and_the_manifest_says_what_was_frozen(saved
     assert manifest["frozen_source"] == "pretrained.npz"
     on_disk = json.loads((directory / "manifest" / "metadata").read_text())
     assert on_disk == manifest
-    # The params item holds the trainable and partially frozen leaves only.
+    # The params item holds the trainable leaves, and head/w without its frozen column 0
+    # (whole slices along one axis are saved by reference, like 'emb').
     import orbax.checkpoint as ocp
 
     on_disk = ocp.StandardCheckpointer().metadata(directory / "params").item_metadata
     saved_shapes = sorted(tuple(m.shape) for m in jax.tree.leaves(on_disk))
-    assert saved_shapes == [(5, 3), (5, 5)]  # head/w, body/w; no emb (6, 5)
+    assert saved_shapes == [(5, 2), (5, 5)]  # head/w columns 1-2, body/w; no emb (6, 5)
+    assert entries["head/w"]["layers"]["axis"] == 1 and entries["head/w"]["layers"]["frozen"] == [0]
+    assert len(entries["head/w"]["layers"]["fingerprints"]) == 1 and manifest["version"] == 3
 
 
 def test_restore_rejects_another_freeze_naming_paths(saved):
@@ -136,7 +144,8 @@ def test_restore_rejects_another_optimizer_or_other_frozen_weights(saved):
         jf.restore_trainable(directory, other_emb, None, frozen=FROZEN)
     jf.restore_trainable(directory, other_emb, None, frozen=FROZEN, verify_frozen=False)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    with pytest.raises(ValueError, match=r"'emb' are not in the checkpoint"):
+    with pytest.raises(ValueError, match=r"'emb' and the frozen layers at 'head/w' layer 0 of 3 "
+                       r"on axis 1 are not in the checkpoint"):
         jf.restore_trainable(directory, shapes, None, frozen=FROZEN)
     renamed = {**params, "body": {"kernel": params["body"]["w"]}}
     with pytest.raises(ValueError, match=r"'body/w': in the checkpoint, not in the params"):
