@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jfreeze._tree import (
@@ -24,18 +25,29 @@ from jfreeze._tree import (
     call_or_tree,
     describe_paths,
     is_placeholder,
+    runs,
+    slab,
 )
 
 __all__ = [
     "FROZEN",
     "TRAIN",
+    "Cut",
+    "FrozenSlices",
     "ZeroUpdatesState",
     "as_transform",
+    "check_frozen_slices",
     "constant",
+    "cuts",
+    "gather",
+    "layout",
+    "layout_change",
+    "map_cut",
     "neg_zero",
     "refuse_lookahead",
     "resolve_labels",
     "routed",
+    "scatter",
     "zero_updates",
 ]
 
@@ -86,9 +98,37 @@ class ZeroUpdatesState(optax.EmptyState):
         return "EmptyState()"
 
 
-def zero_updates() -> optax.GradientTransformation:
+class FrozenSlices:
+    """The state of a frozen label when some leaves are frozen in whole slices
+    (:func:`cuts`): no arrays, only which slices are frozen, as static data, so
+    that an update with another selection is an error naming the path (a state
+    shaped like the trainable slices cannot tell which slices it was built for).
+    ``jf.inner_state`` treats it as a frozen label's state."""
+
+    __slots__ = ("layout",)
+
+    def __init__(self, layout: tuple) -> None:
+        self.layout = layout
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is FrozenSlices and other.layout == self.layout
+
+    def __hash__(self) -> int:
+        return hash(self.layout)
+
+    def __repr__(self) -> str:
+        return "FrozenSlices(" + ", ".join(
+            f"{p!r}: axis {a}, {_indices(f)}" for p, a, f in self.layout) + ")"
+
+
+jax.tree_util.register_pytree_node(
+    FrozenSlices, lambda s: ((), s.layout), lambda layout, _: FrozenSlices(layout))
+
+
+def zero_updates(frozen_slices: tuple = ()) -> optax.GradientTransformation:
     """Like ``optax.set_to_zero`` but with -0.0 (-0-0j), the update whose add
-    changes the fewest bits (see ``jf.freeze`` for what an add still changes)."""
+    changes the fewest bits (see ``jf.freeze`` for what an add still changes).
+    With a ``frozen_slices`` layout (:func:`layout`) its state records it."""
 
     def zero(u):
         if u.dtype == jax.dtypes.float0:  # an int leaf's gradient: nothing to zero
@@ -99,7 +139,11 @@ def zero_updates() -> optax.GradientTransformation:
         del params
         return jax.tree.map(zero, updates), state
 
-    return optax.GradientTransformation(lambda params: ZeroUpdatesState(), update)
+    def init(params) -> Any:  # optax's OptState alias does not admit a custom node
+        del params
+        return FrozenSlices(frozen_slices) if frozen_slices else ZeroUpdatesState()
+
+    return optax.GradientTransformation(init, update)
 
 
 def constant(tree: Any) -> Callable[[Any], Any]:
@@ -108,18 +152,129 @@ def constant(tree: Any) -> Callable[[Any], Any]:
     return lambda _: tree
 
 
-def routed(inner: Any, masks: list[Mask], flat: Flat) -> optax.GradientTransformationExtraArgs:
+def routed(
+    inner: Any, masks: list[Mask], flat: Flat, frozen_slices: tuple = ()
+) -> optax.GradientTransformationExtraArgs:
     """``inner`` on the leaves whose mask is not ``True``; ``-0.0`` on the others.
 
     Whole frozen leaves are routed away before ``inner`` sees anything: no state,
     not seen by clipping, decay, accumulation or norms (``optax.partition``).
     Extra args shaped like the updates (lbfgs's ``grad=``) are routed alike.
+    ``frozen_slices``: the :func:`layout` of the slab-frozen leaves, kept in the
+    frozen label's state.
     """
     labels = flat.unflatten([FROZEN if m is True else TRAIN for m in masks])
     return optax.partition(
-        {TRAIN: inner, FROZEN: zero_updates()}, constant(labels),
+        {TRAIN: inner, FROZEN: zero_updates(frozen_slices)}, constant(labels),
         mask_compatible_extra_args=True,
     )
+
+
+# --------------------------------------------------------------------------
+# Leaves frozen in whole slices (layers of a stack): a static gather before the
+# inner optimizer and a static scatter after, so it holds state for the trainable
+# slices only and its statistics (norms, RMS, clipping) see nothing else.
+
+#: ``(axis, frozen)``: a leaf frozen in whole slices along ``axis``, ``frozen[i]``
+#: for slice ``i``.
+Cut = tuple[int, np.ndarray]
+
+
+def cuts(flat: Flat, masks: list[Mask]) -> list[Cut | None]:
+    """Per real leaf: its :data:`Cut` if its mask is a slab (``_tree.slab``) and it
+    is a float array (a slice of a NNX Variable or of an int leaf's ``float0``
+    gradient is not taken: those keep ``jnp.where`` zeroing), else ``None``."""
+    out: list[Cut | None] = []
+    for (_, x), m in zip(flat.entries, masks, strict=True):
+        s = slab(m)
+        ok = s is not None and isinstance(x, (jax.Array, np.ndarray)) and bool(
+            jnp.issubdtype(x.dtype, jnp.inexact))
+        out.append(s if ok else None)
+    return out
+
+
+def layout(flat: Flat, cut: list[Cut | None]) -> tuple:
+    """``((path, axis, frozen slices as a tuple of bools), ...)``: static, hashable."""
+    return tuple((p, c[0], tuple(bool(b) for b in c[1]))
+                 for p, c in zip(flat.paths, cut, strict=True) if c is not None)
+
+
+def _indices(frozen: tuple) -> str:
+    return "frozen slices [" + ", ".join(str(i) for i, b in enumerate(frozen) if b) + "]"
+
+
+def layout_change(before: tuple, now: tuple) -> str | None:
+    """What differs between two :func:`layout` records, by path; ``None`` if nothing."""
+    old, new = ({p: (a, f) for p, a, f in lay} for lay in (before, now))
+    parts = []
+    for p in sorted(old.keys() | new.keys()):
+        if old.get(p) != new.get(p):
+            at = lambda c: "no slices" if c is None else f"axis {c[0]}, {_indices(c[1])}"  # noqa: E731
+            parts.append(f"{p!r} ({at(old.get(p))} at init, {at(new.get(p))} now)")
+    return "; ".join(parts) or None
+
+
+def check_frozen_slices(state: Any, now: tuple, who: str) -> None:
+    """A ``ValueError`` naming the paths whose frozen slices (:func:`layout`) differ
+    from those recorded at ``init``: a state shaped like the trainable slices cannot
+    tell by its shapes alone (freezing layer 1 instead of layer 0 keeps them)."""
+    states = getattr(state, "inner_states", None)
+    if not isinstance(states, dict):
+        return  # not a jfreeze state: the inner optimizer, or the state check, says so
+    held = getattr(states.get(FROZEN), "inner_state", None)
+    if not isinstance(held, FrozenSlices):
+        held = ZeroUpdatesState()  # nothing recorded: nothing was cut at init
+    why = layout_change(held.layout if isinstance(held, FrozenSlices) else (), now)
+    if why:
+        raise ValueError(
+            f"{who}: the optimizer state does not match the updates (tx.init was given "
+            "another tree, or the selection changed): leaves frozen in whole slices differ: "
+            f"{why}. The state holds the trainable slices only; build it with tx.init on "
+            "the selection you update with."
+        )
+
+
+def gather(x: Any, cut: Cut) -> jax.Array:
+    """The trainable slices of ``x``, in order: static slices, one concatenate."""
+    axis, frozen = cut
+    parts = [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b, v in runs(frozen) if not v]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis)
+
+
+def scatter(sub: Any, cut: Cut, frozen_from: Any = None) -> jax.Array:
+    """A full leaf from its trainable slices ``sub`` (see :func:`gather`); the
+    frozen slices are ``frozen_from``'s (copied: every bit kept), or ``-0.0``
+    (``-0-0j``) of ``sub``'s dtype without it."""
+    axis, frozen = cut
+    parts, at = [], 0
+    for a, b, v in runs(frozen):
+        if not v:
+            parts.append(jax.lax.slice_in_dim(sub, at, at + b - a, axis=axis))
+            at += b - a
+        elif frozen_from is not None:
+            parts.append(jax.lax.slice_in_dim(frozen_from, a, b, axis=axis))
+        else:
+            shape = list(jnp.shape(sub))
+            shape[axis] = b - a
+            parts.append(jnp.full(shape, neg_zero(sub.dtype), sub.dtype))
+    return jnp.concatenate(parts, axis)
+
+
+def map_cut(flat: Flat, cut: list[Cut | None], tree: Any, fn: Callable) -> Any:
+    """``fn(leaf, cut)`` at the cut leaves of ``tree`` (shaped like ``flat.tree``);
+    a tree of another structure (``None`` params) is returned as is."""
+    if tree is None or all(c is None for c in cut):
+        return tree
+    try:
+        slots = flat.treedef.flatten_up_to(tree)
+    except (ValueError, TypeError):
+        return tree  # the inner optimizer (or the state check) reports it
+    it = iter(cut)
+    out = []
+    for ref, s in zip(flat.slots, slots, strict=True):
+        c = None if is_placeholder(ref) else next(it)
+        out.append(s if c is None or is_placeholder(s) else fn(s, c))
+    return flat.treedef.unflatten(out)
 
 
 def resolve_labels(

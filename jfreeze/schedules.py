@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -11,14 +12,21 @@ import numpy as np
 import optax
 
 from jfreeze._routing import (
+    Cut,
     as_transform,
+    check_frozen_slices,
     constant,
+    cuts,
+    gather,
+    layout,
+    map_cut,
     neg_zero,
     refuse_lookahead,
     routed,
+    scatter,
     zero_updates,
 )
-from jfreeze._tree import Flat, Mask, compact
+from jfreeze._tree import Flat, Mask, compact, simplify
 from jfreeze.selectors import Selector, as_selector
 
 __all__ = ["GradualUnfreezeState", "gradual_unfreeze", "thawed_value_and_grad"]
@@ -126,7 +134,9 @@ def gradual_unfreeze(
     from the start, the top block from step 1000 on and everything from step
     2000 on. A leaf (or element) trains from the first step whose selection
     takes it and stays trainable; what no stage takes is frozen for good and,
-    as in :func:`jfreeze.freeze`, routed away before ``inner`` (no state).
+    as in :func:`jfreeze.freeze`, routed away before ``inner`` (no state): whole
+    leaves, and the slices of a stack that no stage thaws (``jf.layers``; the
+    state then holds the other slices only).
 
     The step count lives in the state (a :class:`GradualUnfreezeState`), so
     the schedule is a traced ``count >= step`` comparison: one compilation for
@@ -198,23 +208,35 @@ def gradual_unfreeze(
         refuse_lookahead(params, "jf.gradual_unfreeze")
         flat = Flat.of(params)
         count = jnp.zeros([], jnp.int32)
-        state = _inner_tx(inner, flat, _thaw_steps(stages, flat), count, per_stage).init(params)
-        return GradualUnfreezeState(count=count, inner=state)
+        steps = _thaw_steps(stages, flat)
+        cut = cuts(flat, [_never(s) for s in steps])
+        tx = _inner_tx(inner, flat, steps, cut, count, per_stage)
+        return GradualUnfreezeState(count=count, inner=tx.init(map_cut(flat, cut, params, gather)))
 
     def update_fn(updates, state, params=None, **extra_args):
         refuse_lookahead(params, "jf.gradual_unfreeze")
         flat = Flat.of(updates)
         steps = _thaw_steps(stages, flat)
+        # Slices no stage thaws (layers of a stack) are cut away before inner, as in
+        # jf.freeze: no state, not seen by norms or clipping.
+        cut = cuts(flat, [_never(s) for s in steps])
+        check_frozen_slices(state.inner, layout(flat, cut), "jf.gradual_unfreeze")
         count = state.count
         opens = [None if _settled(s) else _is_open(count, s) for s in steps]
-        updates = _gate_tree(updates, flat, opens)
-        tx = _inner_tx(inner, flat, steps, count, per_stage)
-        updates, inner_state = tx.update(updates, state.inner, params, **extra_args)
-        updates = _gate_tree(updates, flat, opens)
+        sub = functools.partial(map_cut, flat, cut, fn=gather)
+        updates = sub(tree=_gate_tree(updates, flat, opens))
+        tx = _inner_tx(inner, flat, steps, cut, count, per_stage)
+        updates, inner_state = tx.update(updates, state.inner, sub(tree=params), **extra_args)
+        updates = _gate_tree(map_cut(flat, cut, updates, scatter), flat, opens)
         new_count = cast(jax.Array, optax.safe_increment(count))
         return updates, GradualUnfreezeState(new_count, inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _never(step: Any) -> Mask:
+    """The leaf's (or its elements') mask of what no stage thaws."""
+    return simplify(step == _NEVER) if isinstance(step, np.ndarray) else step == _NEVER
 
 
 def _settled(step: Any) -> bool:
@@ -231,23 +253,47 @@ def _stage_of(step: Any) -> str:
 
 def _inner_tx(
     inner: optax.GradientTransformationExtraArgs, flat: Flat, steps: list[Any],
-    count: jax.Array, per_stage: bool,
+    cut: list[Cut | None], count: jax.Array, per_stage: bool,
 ) -> optax.GradientTransformationExtraArgs:
-    """``inner`` with what no stage thaws routed away; with ``per_stage``, one
-    ``inner`` per stage, each held at its initial state until its step."""
+    """``inner`` with what no stage thaws routed away (whole leaves; slices are
+    ``cut`` away by the caller, and recorded in the frozen label's state); with
+    ``per_stage``, one ``inner`` per stage, each held at its initial state until
+    its step."""
+    frozen_slices = layout(flat, cut)
     if not per_stage:
         never: list[Mask] = [isinstance(s, int) and s == _NEVER for s in steps]
-        return routed(inner, never, flat)
+        return routed(inner, never, flat, frozen_slices)
     labels = [_stage_of(s) for s in steps]
-    txs: dict[Any, Any] = {}
+    txs: dict[Any, Any] = {"frozen": zero_updates(frozen_slices)} if frozen_slices else {}
     for k in labels:
         if k == "frozen":
-            txs[k] = zero_updates()
+            txs[k] = zero_updates(frozen_slices)
         elif k not in txs:
             step = int(k.removeprefix("thaw@"))
             txs[k] = inner if step == 0 else _held(inner, count >= step)
     # A function returning the label tree, never the (maybe callable) tree itself.
     return optax.with_extra_args_support(optax.partition(txs, constant(flat.unflatten(labels))))
+
+
+def _held_at(step: Any, bound: int) -> Mask:
+    """What of a leaf has not thawed once the thaw step ``bound`` has passed."""
+    if isinstance(step, np.ndarray):
+        return simplify(step > bound)
+    return step > bound
+
+
+def _cut_down(x: Any, cut: Cut | None) -> Any:
+    return x if cut is None else gather(x, cut)
+
+
+def _thawed_grad(g: Any, held: Mask, cut: Cut | None, zeros: Any) -> Any:
+    """A leaf's gradient with zeros where it has not thawed: put around its thawed
+    slices (``cut``), or selected element-wise."""
+    if cut is not None:
+        return scatter(g, cut, frozen_from=zeros)
+    if isinstance(held, np.ndarray):
+        return jnp.where(compact(held), jnp.zeros((), g.dtype), g)
+    return g
 
 
 def thawed_value_and_grad(
@@ -267,8 +313,11 @@ def thawed_value_and_grad(
     ``g(count, params, *args, **kwargs)`` returns ``(value, grads)`` (``((value,
     aux), grads)`` with ``has_aux``), ``grads`` shaped like ``params``, with zeros
     for leaves not thawed at ``count`` (``gradual_unfreeze`` ignores them). Pass
-    the count the optimizer will use, ``GradualUnfreezeState.count``. A leaf
-    thawed element-wise is differentiated whole from its first element's step.
+    the count the optimizer will use, ``GradualUnfreezeState.count``. A stack
+    thawed layer by layer (:func:`jfreeze.layers`, or any element selection of
+    whole slices along one axis) is differentiated in its thawed slices only,
+    zeros elsewhere; another leaf thawed element-wise is differentiated whole
+    from its first element's step, with zeros at the elements not yet thawed.
 
     >>> import jax, jax.numpy as jnp
     >>> import jfreeze as jf
@@ -283,16 +332,19 @@ def thawed_value_and_grad(
 
     def value_and_grad(count, params, *args, **kwargs):
         flat = Flat.of(params)
-        first = [int(np.min(s)) if isinstance(s, np.ndarray) else s
-                 for s in _thaw_steps(stages, flat)]
+        steps = _thaw_steps(stages, flat)
+        first = [int(np.min(s)) if isinstance(s, np.ndarray) else s for s in steps]
         for (path, x), step in zip(flat.entries, first, strict=True):
             if step != _NEVER and not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
                 raise TypeError(f"{name}: the leaf at path {path!r} thaws at step {step} but has "
                                 f"dtype {jnp.result_type(x)}; only float leaves have gradients.")
-        bounds = sorted({s for s in first if s != _NEVER})
+        # Every step at which something thaws, element-wise ones included.
+        bounds = sorted({int(t) for s in steps for t in np.unique(s) if t != _NEVER})
 
         def branch(k: int):  # k = how many thaw steps have passed
-            idx = [i for i, s in enumerate(first) if k and s <= bounds[k - 1]]
+            held = [_held_at(s, bounds[k - 1] if k else -1) for s in steps]
+            idx = [i for i, m in enumerate(held) if m is not True]
+            cut = cuts(flat, held)  # layers not thawed yet: not differentiated at all
 
             # Everything is closed over, not passed as switch operands: args and kwargs
             # may hold non-arrays, and the leaves stay the step's own params (so
@@ -301,13 +353,15 @@ def thawed_value_and_grad(
                 def f(sub):
                     full = list(leaves)
                     for i, x in zip(idx, sub, strict=True):
-                        full[i] = x
+                        c = cut[i]
+                        full[i] = x if c is None else scatter(x, c, frozen_from=leaves[i])
                     return fun(flat.unflatten(full), *args, **kwargs)
 
-                out, sub_grads = jax.value_and_grad(f, has_aux=has_aux)([leaves[i] for i in idx])
+                primals = [_cut_down(leaves[i], cut[i]) for i in idx]
+                out, sub_grads = jax.value_and_grad(f, has_aux=has_aux)(primals)
                 grads = [jnp.zeros_like(x) for x in leaves]
                 for i, g in zip(idx, sub_grads, strict=True):
-                    grads[i] = g
+                    grads[i] = _thawed_grad(g, held[i], cut[i], grads[i])
                 return out, flat.unflatten(grads)
 
             return run

@@ -14,13 +14,20 @@ import optax
 from jfreeze._routing import (
     FROZEN,
     TRAIN,
+    Cut,
     ZeroUpdatesState,
     as_transform,
+    check_frozen_slices,
     constant,
+    cuts,
+    gather,
+    layout,
+    map_cut,
     neg_zero,
     refuse_lookahead,
     resolve_labels,
     routed,
+    scatter,
     zero_updates,
 )
 from jfreeze._tree import Flat, Mask, compact, describe_paths, is_array, is_placeholder, path_str
@@ -48,23 +55,44 @@ def _zero_elements(tree: Any, masks: list[Mask]) -> Any:
     return flat.unflatten(out)
 
 
+def _uncut(masks: list[Mask], cut: list[Cut | None]) -> list[Mask]:
+    """The masks left once the slab-frozen leaves are cut down to their trainable slices."""
+    return [False if c is not None else m for m, c in zip(masks, cut, strict=True)]
+
+
+def _shaped_like(tree: Any, updates: Any) -> bool:
+    """An extra arg shaped like the updates (lbfgs's ``grad=``), gathered as they are;
+    optax's ``mask_compatible_extra_args`` compares the structure only, the shapes
+    tell a scalar ``value=`` from the gradient of a one-array params tree."""
+    if jax.tree.structure(tree) != jax.tree.structure(updates):
+        return False
+    shapes = [jnp.shape(x) for x in jax.tree.leaves(tree)]
+    return shapes == [jnp.shape(x) for x in jax.tree.leaves(updates)]
+
+
 # Extra args that optax calls with (a subtree of) the params: sophia's obj_fn,
 # the linesearches' (lbfgs's) value_fn.
 _PARAMS_FNS = ("obj_fn", "value_fn")
 
 
-def _filled_fns(extra_args: dict, params: Any, masks: list[Mask] | None = None) -> dict:
+def _filled_fns(
+    extra_args: dict, params: Any, masks: list[Mask] | None = None,
+    cut: list[Cut | None] | None = None,
+) -> dict:
     """``obj_fn`` / ``value_fn`` that accept the inner optimizer's masked params.
 
     Inside ``optax.partition`` the inner optimizer sees the other leaves as
-    ``MaskedNode``; the wrapped function puts the full params' leaves back there
-    (and the params' values at element-wise frozen entries, so their gradient and
-    curvature are zero) before calling the user's function.
+    ``MaskedNode``, and only the trainable slices of a leaf frozen in whole
+    slices (``cut``); the wrapped function puts the full params' leaves back
+    there, the params' frozen slices around the trainable ones, and the params'
+    values at element-wise frozen entries (so their gradient and curvature are
+    zero) before calling the user's function.
     """
     if params is None or not any(callable(extra_args.get(k)) for k in _PARAMS_FNS):
         return extra_args
     pflat = Flat.of(params)
-    it = iter(masks if masks is not None else [False] * len(pflat.entries))
+    n = len(pflat.entries)
+    it = iter(zip(masks if masks is not None else [False] * n, cut or [None] * n, strict=True))
     slot_masks = [None if is_placeholder(x) else next(it) for x in pflat.slots]
 
     def fill(fn):
@@ -72,11 +100,13 @@ def _filled_fns(extra_args: dict, params: Any, masks: list[Mask] | None = None) 
         def filled(sub, *args, **kwargs):
             out = []
             given = pflat.treedef.flatten_up_to(sub)
-            for s, x, m in zip(given, pflat.slots, slot_masks, strict=True):
+            for s, x, mc in zip(given, pflat.slots, slot_masks, strict=True):
                 if isinstance(s, optax.MaskedNode):
                     s = x
-                elif isinstance(m, np.ndarray):
-                    s = jnp.where(compact(m), x, s)
+                elif mc is not None and mc[1] is not None:
+                    s = scatter(s, mc[1], frozen_from=x)
+                elif mc is not None and isinstance(mc[0], np.ndarray):
+                    s = jnp.where(compact(mc[0]), x, s)
                 out.append(s)
             return fn(pflat.treedef.unflatten(out), *args, **kwargs)
 
@@ -202,7 +232,9 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
     state and are never seen by clipping, weight decay, ``optax.MultiSteps``
     accumulators or gradient norms, so trainable leaves evolve exactly as if
     ``inner`` ran on them alone. Element-wise frozen entries are zeroed with
-    ``jnp.where`` in the gradient before ``inner`` and in the update after it.
+    ``jnp.where`` in the gradient before ``inner`` and in the update after it,
+    except frozen layers of a stack (whole slices along one axis), which are cut
+    away before ``inner`` (see below).
     The update of every frozen leaf and element is ``-0.0`` (``-0-0j``).
 
     **Bits.** To keep every bit of frozen params, apply the updates with
@@ -242,17 +274,30 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
     :func:`schedule_free_eval_params` computes schedule-free's evaluation
     params with the frozen leaves passed through.
 
+    **Frozen layers of a stack.** A leaf frozen in whole slices along one axis
+    (:func:`jfreeze.layers`, or any element selection of whole layers, rows or
+    columns, e.g. ``jf.elements("w", np.s_[:, 0])``) is cut down to its
+    trainable slices before ``inner`` (static slices, concatenated in order)
+    and put back together after it (frozen slices ``-0.0``): ``inner`` holds
+    state shaped like the trainable slices only (Adam: 2 x their bytes), sees
+    neither their gradients nor their values, and ``init`` records which slices
+    are frozen, so updating with another selection is a ``ValueError`` naming
+    the path. :func:`inner_state` then holds arrays shaped like the trainable
+    slices. Trainable slices evolve as if ``inner`` ran on them alone, with
+    every optimizer below.
+
     **Element-wise freezing and whole-leaf statistics.** A partly frozen leaf
-    still reaches ``inner`` whole (frozen entries' gradients are zeroed, their
-    values are not hidden), so optimizers that scale a leaf's update by its
-    *parameters'* norm or RMS see the frozen values: with ``optax.lamb``,
-    ``optax.lars`` and ``optax.adafactor`` (parameter scale) the trainable
-    entries' updates change when frozen values change, and a NaN frozen entry
-    makes them NaN; ``optax.novograd`` (weight decay in its moment) can hold
-    NaN state for a NaN frozen entry, without changing trainable updates.
-    Element-wise SGD, momentum, Adam(W), Lion, RMSProp, Adagrad, AdaBelief and
-    global-norm clipping do not depend on frozen values. Whole frozen leaves
-    never reach ``inner``.
+    whose frozen entries are *not* whole slices along one axis (a diagonal,
+    single elements, a block) still reaches ``inner`` whole (frozen entries'
+    gradients are zeroed, their values are not hidden), so optimizers that
+    scale a leaf's update by its *parameters'* norm or RMS see the frozen
+    values: with ``optax.lamb``, ``optax.lars`` and ``optax.adafactor``
+    (parameter scale) the trainable entries' updates change when frozen values
+    change, and a NaN frozen entry makes them NaN; ``optax.novograd`` (weight
+    decay in its moment) can hold NaN state for a NaN frozen entry, without
+    changing trainable updates. Element-wise SGD, momentum, Adam(W), Lion,
+    RMSProp, Adagrad, AdaBelief and global-norm clipping do not depend on
+    frozen values. Whole frozen leaves never reach ``inner``.
 
     Unlike ``optax.freeze(mask)``, which only zeroes updates and wraps no
     optimizer, this wraps ``inner`` (as ``optax.selective_transform`` does) and
@@ -293,18 +338,30 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
     def init_fn(params):
         refuse_lookahead(params, "jf.freeze")
         flat, masks = sel.masks(params)
-        return routed(inner, masks, flat).init(params)
+        cut = cuts(flat, masks)
+        rest = _uncut(masks, cut)
+        return routed(inner, rest, flat, layout(flat, cut)).init(
+            map_cut(flat, cut, params, gather))
 
     def update_fn(updates, state, params=None, **extra_args):
         refuse_lookahead(params, "jf.freeze")
         # like=params: a selector that answers differently on the updates (e.g. a dtype
         # test on bf16 gradients) is an error, never a leaf routed another way than at init.
         flat, masks = sel.masks(updates, like=params)
-        updates = _zero_elements(updates, masks)
-        extra_args = _filled_fns(extra_args, params, masks)
-        tx = routed(inner, masks, flat)
-        updates, state = _update_checked("jf.freeze", tx, updates, state, params, extra_args)
-        return _zero_elements(updates, masks), state
+        cut = cuts(flat, masks)
+        frozen_slices = layout(flat, cut)
+        check_frozen_slices(state, frozen_slices, "jf.freeze")
+        rest = _uncut(masks, cut)  # element masks that are not slabs: jnp.where
+        extra_args = _filled_fns(extra_args, params, masks, cut)
+        # Static gather of the trainable slices (updates, params, lbfgs's grad=).
+        sub = functools.partial(map_cut, flat, cut, fn=gather)
+        extra_args = {k: sub(tree=v) if _shaped_like(v, updates) else v
+                      for k, v in extra_args.items()}
+        tx = routed(inner, rest, flat, frozen_slices)
+        new, state = _update_checked("jf.freeze", tx, sub(tree=_zero_elements(updates, rest)),
+                                     state, sub(tree=params), extra_args)
+        new = map_cut(flat, cut, new, scatter)  # frozen slices: -0.0
+        return _zero_elements(new, rest), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -521,7 +578,8 @@ def inner_state(state: Any, label: Hashable | None = None) -> Any:
     docs do), a step count, ``optax.tree_utils.tree_get(jf.inner_state(state, label),
     ...)`` per label. Params-shaped fields (moments, schedule-free's ``z``) hold
     ``optax.MaskedNode()`` at the leaves routed away from this optimizer
-    (frozen, or another label). The returned object *is* the one inside
+    (frozen, or another label), and arrays shaped like the trainable slices at
+    leaves frozen in whole slices (``jf.layers``). The returned object *is* the one inside
     ``state``; for a new state with it replaced, see :func:`set_inner_state`.
     With one inner optimizer (``jf.freeze``, ``jf.gradual_unfreeze``)
     ``optax.tree_utils.tree_get`` / ``tree_set`` also work on the whole state.
@@ -637,8 +695,9 @@ def schedule_free_eval_params(state: Any, params: Any, *, frozen: FrozenSpec) ->
         )
     out: list[Any] = list(flat.leaves)
     owner: list[str | None] = [None] * len(out)
+    cut = cuts(flat, masks)
     for where_, sf in found:
-        for i, x in _eval_leaves(flat, sf, who):
+        for i, x in _eval_leaves(flat, cut, sf, who):
             here = jax.tree_util.keystr(where_)
             if owner[i] is not None:
                 raise ValueError(f"{who}: two schedule-free states train the leaf at path "
@@ -652,8 +711,10 @@ def schedule_free_eval_params(state: Any, params: Any, *, frozen: FrozenSpec) ->
     return flat.unflatten(out)
 
 
-def _eval_leaves(flat: Flat, sf: Any, who: str) -> list[tuple[int, Any]]:
-    """``(leaf index, eval value)`` for the leaves one schedule-free state trains."""
+def _eval_leaves(flat: Flat, cut: list[Cut | None], sf: Any, who: str) -> list[tuple[int, Any]]:
+    """``(leaf index, eval value)`` for the leaves one schedule-free state trains;
+    a leaf frozen in whole slices (``cut``) is cut to its trainable slices for
+    optax's function and put back together around the params' frozen slices."""
     try:
         z = flat.treedef.flatten_up_to(sf.z)
     except (ValueError, TypeError):
@@ -663,10 +724,26 @@ def _eval_leaves(flat: Flat, sf: Any, who: str) -> list[tuple[int, Any]]:
             f"params: {describe_paths(sorted(want - have)) or 'none'}; only in the state: "
             f"{describe_paths(sorted(have - want)) or 'none'}."
         ) from None
+    real = [i for i, s in enumerate(flat.slots) if not is_placeholder(s)]
+    by_slot = dict(zip(real, cut, strict=True))
     # optax's own function, on the params with MaskedNode where z has one.
-    sub = [s if is_placeholder(s) else (optax.MaskedNode() if is_placeholder(zi) else s)
-           for s, zi in zip(flat.slots, z, strict=True)]
+    sub = []
+    for i, (s, zi) in enumerate(zip(flat.slots, z, strict=True)):
+        if not is_placeholder(s) and not is_placeholder(zi):
+            c = by_slot[i]
+            s = s if c is None else gather(s, c)
+            if jnp.shape(s) != jnp.shape(zi):
+                raise ValueError(
+                    f"{who}: the state's z at path {flat.paths[real.index(i)]!r} has shape "
+                    f"{jnp.shape(zi)}, the params {jnp.shape(s)} there; pass the frozen= given "
+                    "to jf.freeze (a leaf frozen in whole slices holds state for the trainable "
+                    "slices only).")
+        sub.append(s if is_placeholder(s) else (optax.MaskedNode() if is_placeholder(zi) else s))
     ev = flat.treedef.flatten_up_to(optax.contrib.schedule_free_eval_params(
         sf, flat.treedef.unflatten(sub)))
-    real = [i for i, s in enumerate(flat.slots) if not is_placeholder(s)]
-    return [(n, ev[i]) for n, i in enumerate(real) if not is_placeholder(ev[i])]
+    out = []
+    for n, i in enumerate(real):
+        c = by_slot[i]
+        if not is_placeholder(ev[i]):
+            out.append((n, ev[i] if c is None else scatter(ev[i], c, flat.slots[i])))
+    return out
