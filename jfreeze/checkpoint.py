@@ -206,9 +206,23 @@ def _entries(flat: Flat, masks: Sequence[Mask], include_frozen: bool) -> list[di
 
 
 def _slices(x: Any, axis: int, index: Sequence[int]) -> Any:
-    """The layers ``index`` of ``x`` along ``axis``, stacked (a gather: every bit kept)."""
+    """The layers ``index`` of ``x`` along ``axis``, stacked, every bit kept."""
     at = (slice(None),) * axis + (np.asarray(index, dtype=np.int32),)
-    return x[at]
+    if isinstance(x, np.ndarray):
+        return x[at]
+    return _on_bits(lambda b: b[at], x)
+
+
+def _on_bits(f: Any, x: Any, *more: Any) -> Any:
+    """``f`` applied to the bits of JAX float arrays (as uints of their width), so that
+    XLA cannot quiet a NaN or flush a subnormal on the way (it computes a bf16
+    scatter in float32); other dtypes as they are."""
+    width = 8 * np.dtype(x.dtype).itemsize
+    if not jnp.issubdtype(x.dtype, jnp.floating) or _bit_width(x.dtype) != width:
+        return f(x, *more)
+    word = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[width]
+    bits = [jax.lax.bitcast_convert_type(a, word) for a in (x, *more)]
+    return jax.lax.bitcast_convert_type(f(*bits), x.dtype)
 
 
 def _layer(x: Any, axis: int, i: int) -> Any:
@@ -716,8 +730,8 @@ def _put_layers(x: Any, got: Any, e: dict[str, Any]) -> Any:
 
 
 def _scatter_layers(x: Any, got: Any, axis: int, index: tuple[int, ...]) -> Any:
-    # A scatter copies bits (no arithmetic): NaN payloads, -0.0, subnormals are kept.
-    return x.at[(slice(None),) * axis + (np.asarray(index),)].set(got)
+    at = (slice(None),) * axis + (np.asarray(index),)
+    return _on_bits(lambda a, b: a.at[at].set(b), x, got)
 
 
 def save_trainable(
