@@ -345,6 +345,10 @@ def freeze_manifest(
     for frozen leaves, a fingerprint of their values (a 64-bit checksum computed
     on device over the leaf's bits, every dtype, not a cryptographic hash) so
     that a resumed run can check that it was handed the same frozen weights.
+    A stack frozen by whole layers (a leaf of 2 or more dimensions whose mask
+    selects whole slices along one axis, as :func:`jfreeze.layers` does) is
+    recorded with ``"layers"``: its ``axis``, the ``frozen`` layers and a
+    fingerprint per frozen layer (unless ``include_frozen``).
     The optimizer state is recorded by path too. ``collections`` (named trees
     beside the params, such as a linen model's ``batch_stats``) are recorded
     like the params, each leaf frozen or not by ``collection_frozen[name]`` if
@@ -366,6 +370,11 @@ def freeze_manifest(
     [('a', 'frozen'), ('b', 'trainable')]
     >>> m["selector"]
     "paths('a')"
+    >>> stack = {"w": jnp.ones((4, 2, 2))}
+    >>> m = jf.freeze_manifest(stack, frozen=jf.layers("w", [0, 1]))
+    >>> entry = m["params"][0]
+    >>> entry["status"], entry["layers"]["axis"], entry["layers"]["frozen"], m["version"]
+    ('partial', 0, [0, 1], 3)
     """
     sel = as_selector(frozen)
     flat = Flat.of(params)
@@ -751,9 +760,14 @@ def save_trainable(
 
     Whole frozen leaves are left out (``include_frozen=False``) and recorded by
     reference: ``frozen_source`` (e.g. the path of the pretrained checkpoint) and
-    a fingerprint of their values go into the manifest. Partially frozen leaves
-    are saved whole. The optimizer state under :func:`jfreeze.freeze` already
-    holds nothing for frozen leaves. ``collections`` are the other trees a
+    a fingerprint of their values go into the manifest. So are the frozen layers
+    of a stack (a leaf of 2 or more dimensions frozen by whole slices along one
+    axis: :func:`jfreeze.layers`, or whole columns of a kernel): only its
+    trainable layers are written, and each frozen layer is fingerprinted;
+    :func:`restore_trainable` takes the frozen layers from the ``params`` it is
+    given. Other partially frozen leaves are saved whole. The optimizer state
+    under :func:`jfreeze.freeze` already holds nothing for frozen leaves (nor,
+    for a stack, for its frozen layers). ``collections`` are the other trees a
     training state carries (a linen model's ``batch_stats``, the step, EMA
     params), by name: each is saved like the params, its frozen leaves by
     reference, where frozen means ``collection_frozen[name]`` if given, else
@@ -773,7 +787,7 @@ def save_trainable(
         is not ``frozen`` on the collection's paths: ``{"batch_stats":
         jf.nothing}`` saves all statistics (a frozen backbone whose BatchNorm
         still updates them in train mode).
-      include_frozen: also save the frozen leaves.
+      include_frozen: also save the frozen leaves (and stacks whole, every layer).
       frozen_source: where the frozen weights come from, recorded as is.
       fingerprint: record a checksum of the frozen leaves' values.
       force: overwrite an existing checkpoint.
@@ -935,7 +949,11 @@ def restore_trainable(
     """Restores a :func:`save_trainable` checkpoint into the current freeze.
 
     ``params`` gives the structure and holds the frozen leaves that were not
-    saved (e.g. freshly loaded pretrained weights); the trainable and partially
+    saved (e.g. freshly loaded pretrained weights) and the stacks whose frozen
+    layers were not (their trainable layers may hold anything: they are read
+    into it, the result keeps that array's sharding; a frozen layer that
+    differs from its fingerprint is a ``ValueError`` naming the path and the
+    layer); the trainable and other partially
     frozen leaves may be ``jax.ShapeDtypeStruct`` (they are read, with the
     sharding given there; a shape without one, as ``jax.eval_shape`` outside
     ``jax.jit`` gives, is read onto the first device: give a sharded model's
@@ -957,8 +975,9 @@ def restore_trainable(
     paths in another order (NamedTuple, dataclass or Equinox fields reordered)
     restore into the right leaves. A damaged manifest (truncated, edited, from
     a newer jfreeze) is a ``ValueError`` naming the checkpoint. Checkpoints
-    written before collections existed load as before. A run resumed this way
-    continues bit for bit.
+    written before collections existed (manifest version 1) or before stacks
+    were saved by layers (version 2: such leaves were written whole) load as
+    before. A run resumed this way continues bit for bit.
 
     Returns:
       ``(params, opt_state)``; ``opt_state`` is None if none was given. With
