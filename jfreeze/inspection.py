@@ -58,7 +58,8 @@ class Row:
     """One line of a :class:`Summary`: a subtree (``kind="module"``) or a label.
 
     Attributes:
-      kind: ``"module"`` (a subtree, named by its path) or ``"label"``.
+      kind: ``"module"`` (a subtree, named by its path), ``"layers"`` (a run of
+        layers of the stacks in the module row it sits in) or ``"label"``.
       name: the subtree's full path (``"bert/encoder/layer/3"``), or the label.
       leaves: parameter leaves in it (0 in a layers row: its slices belong to the
         leaves counted in the row it sits in).
@@ -323,9 +324,10 @@ def summary(
     trainable  36 params (40.9%), 144 B
     frozen     52 params (59.1%), 208 B
 
-    >>> [(r.kind, r.name) for r in jf.summary(params, frozen=frozen, depth=1).rows]
-    [('module', 'embed'), ('module', 'encoder'), ('module', 'head'), ('layers', 'head'), \
-('layers', 'head')]
+    >>> [(r.kind, r.name, r.layers) for r in jf.summary(params, frozen=frozen, depth=1).rows]
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [('module', 'embed', None), ('module', 'encoder', None), ('module', 'head', None),
+     ('layers', 'head', range(0, 1)), ('layers', 'head', range(1, 2))]
     >>> [(r.name, r.level) for r in jf.summary(params, frozen=frozen, depth=2).rows
     ...  if r.kind == "module"]
     [('embed', 1), ('encoder', 1), ('encoder/layers', 2), ('head', 1), ('head/w', 2)]
