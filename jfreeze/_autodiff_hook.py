@@ -7,7 +7,13 @@ through ``jax.lax.stop_gradient``. This is the only place jfreeze touches JAX
 internals; it checks their layout first (:func:`autodiff_internals`) and, if it
 differs, installs nothing so that the check reports "not verified".
 
-Invariants: the patch is installed under a lock, only acts on the thread that
+For stacked leaves whose frozen part is whole layers, ``jax.lax.scan`` is
+wrapped as well (:func:`scans_split`): a scan over such a stack runs as one scan
+per run of frozen / trainable layers, the frozen slices under ``stop_gradient``
+(what ``jf.scan`` does), and :func:`loops_reached` finds the stacks that reached
+a loop some other way (so the check says it could not verify them).
+
+Invariants: each patch is installed under a lock, only acts on the thread that
 installed it, and is always restored; nothing is imported from here at
 ``import jfreeze`` time except this module itself.
 """
@@ -17,17 +23,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.extend as jex
+import numpy as np
 from jax.core import Tracer
 
-__all__ = ["Seen", "autodiff_internals", "frozen_not_differentiated", "unseen_differentiation"]
+from jfreeze._tree import runs
+
+__all__ = [
+    "Seen",
+    "autodiff_internals",
+    "frozen_not_differentiated",
+    "loops_reached",
+    "scans_split",
+    "unseen_differentiation",
+]
 
 _PATCH_LOCK = threading.Lock()
+_SCAN_LOCK = threading.Lock()
 _SCOPE = "jfreeze_check_seen"  # the name scope around each differentiation the hook saw
 
 
@@ -93,13 +111,18 @@ def _is_float(x: Any) -> bool:
 
 
 @contextlib.contextmanager
-def frozen_not_differentiated(seen: Seen, inputs: set[int]) -> Iterator[bool]:
+def frozen_not_differentiated(
+    seen: Seen, inputs: set[int], stacks: dict[int, Any] | None = None
+) -> Iterator[bool]:
     """While tracing on this thread, every differentiation sees the frozen leaves
     through ``stop_gradient`` (recognised by the identity of their tracers).
 
     Yields whether the hook is installed (False: unknown JAX internals).
     ``inputs``: ids of the step's own frozen leaves (to count ``stopped``).
+    ``stacks``: ``{id: entry}`` of stacks for :func:`scans_split`; the values a
+    differentiation hands its function in their place are added (same entry).
     """
+    stacks = {} if stacks is None else stacks
     internals = autodiff_internals()
     if internals is None:
         yield False
@@ -108,7 +131,7 @@ def frozen_not_differentiated(seen: Seen, inputs: set[int]) -> Iterator[bool]:
     owner = threading.get_ident()
     originals = {"linearize": ad.linearize, "jvp": ad.jvp}
 
-    def stopped(fun: Callable, treedef: Any, positions: list[int]) -> Callable:
+    def stopped(fun: Callable, treedef: Any, positions: list[int], stack: dict) -> Callable:
         def wrapped(*args):
             leaves = treedef.flatten_up_to(args)
             with jax.named_scope(_SCOPE):  # marks what this differentiation emits
@@ -117,6 +140,8 @@ def frozen_not_differentiated(seen: Seen, inputs: set[int]) -> Iterator[bool]:
                         leaves[j] = jax.lax.stop_gradient(x)
                     # nested differentiation (hessian, MAML) sees these values as primals
                     seen.register(leaves[j], j in positions)
+                    if j in stack:  # a scan inside sees this value for the stack
+                        stacks[id(leaves[j])] = stack[j]
                 return fun(*treedef.unflatten(leaves))
 
         return wrapped
@@ -143,7 +168,8 @@ def frozen_not_differentiated(seen: Seen, inputs: set[int]) -> Iterator[bool]:
                 elif isinstance(x, Tracer):
                     seen.unidentified += 1  # derived inside the step: frozen or not?
             seen.calls += 1
-            return original(stopped(fun, treedef, positions), primals, *rest, **kwargs)
+            stack = {j: stacks[id(x)] for j, x in enumerate(primals) if id(x) in stacks}
+            return original(stopped(fun, treedef, positions, stack), primals, *rest, **kwargs)
 
         return call
 
@@ -172,3 +198,80 @@ def unseen_differentiation(jaxpr: Any, prefix: tuple = ()) -> int:
         for sub in jex.core.jaxprs_in_params(eqn.params):
             count += unseen_differentiation(getattr(sub, "jaxpr", sub), stack)
     return count
+
+
+@contextlib.contextmanager
+def scans_split(
+    stacks: dict[int, tuple[str, np.ndarray]], split: dict[str, np.ndarray]
+) -> Iterator[None]:
+    """While tracing on this thread, ``jax.lax.scan`` over a registered stack runs as
+    one scan per run of layers frozen alike, frozen slices under ``stop_gradient``.
+
+    ``stacks``: ``{id(array): (path, frozen layers as a bool per layer)}`` for the
+    step's stacked leaves frozen by whole layers along axis 0. ``split``: filled
+    with ``{path: frozen layers}`` for each stack a scan was split over.
+    """
+    original = jax.lax.scan
+    owner = threading.get_ident()
+    signature = inspect.signature(original)
+
+    def scan(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        leaves, treedef = jax.tree_util.tree_flatten(a["xs"])
+        hits = {j: stacks[id(x)] for j, x in enumerate(leaves) if id(x) in stacks}
+        if threading.get_ident() != owner or not hits:
+            return original(*args, **kwargs)
+        n = int(np.shape(leaves[0])[0])
+        cuts = sorted({0, n} | {start for _, sel in hits.values() for start, _, _ in runs(sel)})
+        pieces = list(itertools.pairwise(cuts))
+        carry, ys = a["init"], {}
+        for start, stop in reversed(pieces) if a["reverse"] else pieces:
+            part = [jax.lax.slice_in_dim(x, start, stop) for x in leaves]
+            for j, (path, sel) in hits.items():
+                split[path] = sel
+                part[j] = jax.lax.stop_gradient(part[j]) if sel[start] else part[j]
+            carry, ys[start] = original(
+                a["f"], carry, treedef.unflatten(part), stop - start, reverse=a["reverse"],
+                unroll=a["unroll"], _split_transpose=a["_split_transpose"])
+        parts = [ys[start] for start, _ in pieces]
+        return carry, jax.tree.map(lambda *p: jax.numpy.concatenate(p), *parts)
+
+    with _SCAN_LOCK:
+        jax.lax.scan = scan
+        try:
+            yield
+        finally:
+            jax.lax.scan = original
+
+
+_LOOPS = frozenset({"scan", "while"})
+_SLICING = frozenset({"slice", "dynamic_slice", "gather", "split"})  # take layers apart
+
+
+def loops_reached(jaxpr: Any, watched: dict[Any, set[str]]) -> set[str]:
+    """The names ``watched[var]`` of input variables of ``jaxpr`` whose whole value
+    (or anything computed from it, short of slicing it) reaches an operand of a
+    loop (``scan``, ``while``), nested jaxprs included."""
+    found: set[str] = set()
+    names = dict(watched)
+    for eqn in jaxpr.eqns:
+        ins = [v for v in eqn.invars if not isinstance(v, jex.core.Literal)]
+        came = set().union(*(names.get(v, set()) for v in ins))
+        if not came or eqn.primitive.name in _SLICING:
+            continue
+        if eqn.primitive.name in _LOOPS:
+            found |= came
+            continue
+        for sub in jex.core.jaxprs_in_params(eqn.params):
+            sub = getattr(sub, "jaxpr", sub)
+            offset = len(eqn.invars) - len(sub.invars)  # cond: the branch index first
+            if offset < 0:
+                continue
+            inner = {sub.invars[k - offset]: names[v] for k, v in enumerate(eqn.invars)
+                     if k >= offset and not isinstance(v, jex.core.Literal) and v in names}
+            found |= loops_reached(sub, inner)
+        for v in eqn.outvars:
+            names[v] = came
+    return found

@@ -9,14 +9,17 @@ from typing import Any
 
 import jax
 import jax.extend as jex
+import numpy as np
 
 from jfreeze._autodiff_hook import (
     Seen,
     frozen_not_differentiated,
+    loops_reached,
+    scans_split,
     unseen_differentiation,
 )
 from jfreeze._hlo import count as count_loops
-from jfreeze._tree import Flat, leaves_with_paths
+from jfreeze._tree import Flat, leaves_with_paths, slab
 from jfreeze.selectors import FrozenSpec, as_selector
 
 __all__ = ["ComputeReport", "check_frozen_compute", "compiled_flops"]
@@ -45,6 +48,12 @@ class ComputeReport:
         computed in full; they are not counted as frozen leaves.
       leaking_outputs: output paths (``/``-joined, one or two levels deep)
         whose computation pulls frozen weight gradients back in.
+      frozen_layers: ``(path, frozen layer indices)`` of the stacked leaves
+        (frozen by whole layers, ``jf.layers``) whose frozen layers get weight
+        gradients because one ``jax.lax.scan`` (or ``nn.scan``) runs the whole
+        stack; empty when none do.
+      frozen_layer_flops: the FLOPs those frozen layers' weight gradients cost
+        (measured: the reference step with only that fix, against the full one).
       unverified: why the check could not verify (empty when it could).
       message: the verdict, the likely cause and the fix.
     """
@@ -58,6 +67,8 @@ class ComputeReport:
     leaking_outputs: tuple[str, ...]
     unverified: tuple[str, ...]
     message: str
+    frozen_layers: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    frozen_layer_flops: float = 0.0
 
     def __str__(self) -> str:
         return self.message
@@ -253,30 +264,37 @@ def check_frozen_compute(
     True
     """
     step_fn = getattr(step_fn, "__wrapped__", step_fn) if hasattr(step_fn, "lower") else step_fn
-    _, masks = as_selector(frozen).masks(params)
+    flat, masks = as_selector(frozen).masks(params)
     all_args = (params, *args)
-    ref = _Reference(step_fn, masks)
-    # Each variant is traced once (the user's Python runs twice in all); XLA's cost
-    # analysis of the compiled programs gives the headline figures.
     leaves = tuple(jax.tree_util.tree_leaves(all_args))
+    # Each variant is traced once; XLA's cost analysis of the compiled programs (loops
+    # by trip count) gives the headline figures.
     run, out, _ = _traced(step_fn, all_args)
+    ref = _Reference(step_fn, flat, masks, split_stacks=True)
     run_ideal, _, jaxpr = _traced(ref, all_args)
-    seen = ref.seen
-    if ref.hooked:
-        seen.unseen += unseen_differentiation(jaxpr)
-    del seen.keep[:]  # the tracers of the reference trace are no longer needed
+    unverified = ref.unverified(jaxpr)
     counted = _flops(_only(run), leaves, compiled=compiled)
     ideal = _flops(_only(run_ideal), leaves, compiled=compiled)
+    unverified += _uncounted(counted, ideal)
     flops, ideal_flops = counted.flops, ideal.flops
     ratio = flops / ideal_flops if ideal_flops else (float("inf") if flops else 1.0)
     leak = flops > ideal_flops * (1 + rtol)
-    unverified = _unverified(ref.hooked, seen) + _uncounted(counted, ideal)
+    # Frozen layers of stacks: measured apart, against the reference without the split.
+    baseline, layer_flops = run_ideal, 0.0
+    if leak and ref.split:
+        baseline = _traced(_Reference(step_fn, flat, masks, split_stacks=False), all_args)[0]
+        layer_flops = _flops(_only(baseline), leaves, compiled=compiled).flops - ideal_flops
+        layer_flops = layer_flops if layer_flops > ideal_flops * rtol else 0.0
     ok = False if leak else (None if unverified else True)
     leaking: dict[str, list] = {}
-    if leak and explain:
-        leaking = _leaking_outputs(run, run_ideal, out, leaves, rtol)
-    figures = _Figures(flops, ideal_flops, ratio, compiled, len(seen.stopped),
-                       ref.element_wise, len(ref.frozen_index), seen.calls)
+    if leak and explain and flops - layer_flops > ideal_flops * (1 + rtol):
+        leaking = _leaking_outputs(run, baseline, out, leaves, rtol)
+    layers = tuple((p, tuple(int(i) for i in np.flatnonzero(sel)))
+                   for p, sel in ref.split.items()) if layer_flops else ()
+    figures = _Figures(flops, ideal_flops, ratio, compiled, len(ref.seen.stopped),
+                       ref.element_wise, len(ref.frozen_index), ref.seen.calls,
+                       layers, layer_flops, {p: len(sel) for p, sel in ref.split.items()},
+                       len(ref.stacks_differentiated))
     return ComputeReport(
         flops=flops,
         ideal_flops=ideal_flops,
@@ -287,21 +305,32 @@ def check_frozen_compute(
         leaking_outputs=tuple(leaking),
         unverified=tuple(unverified),
         message=_message(ok, figures, unverified, leaking),
+        frozen_layers=layers,
+        frozen_layer_flops=layer_flops,
     )
 
 
 class _Reference:
     """The step with every differentiation seeing the frozen leaves through
-    ``stop_gradient`` (the autodiff hook): what it would cost if frozen weight
-    gradients were never computed. Records what the hook saw while traced."""
+    ``stop_gradient`` (the autodiff hook) and, with ``split_stacks``, every
+    ``jax.lax.scan`` over a stack frozen by whole layers run as one scan per run
+    of layers frozen alike (as ``jf.scan`` does): what it would cost if frozen
+    weight gradients were never computed. Records what it saw while traced."""
 
-    def __init__(self, step_fn: Callable, masks: list) -> None:
+    def __init__(self, step_fn: Callable, flat: Flat, masks: list, *, split_stacks: bool) -> None:
         self.step_fn = step_fn
+        self.paths = [p for p, _ in flat.entries]
         self.frozen_index = {i for i, m in enumerate(masks) if m is True}
         self.element_index = {i for i, m in enumerate(masks) if m is not True and m is not False}
+        # stacks frozen by whole layers along axis 0, the axis a scan runs over
+        layers = {i: slab(masks[i]) for i in self.element_index}
+        self.stacks = {i: s[1] for i, s in layers.items() if s is not None and s[0] == 0}
+        self.split_stacks = split_stacks
+        self.split: dict[str, np.ndarray] = {}
         self.seen = Seen(frozen=set(), known=set(), keep=[])
         self.hooked = False
         self.element_wise = 0
+        self.stacks_differentiated: set[int] = set()
 
     def __call__(self, p: Any, *rest: Any) -> Any:
         seen = self.seen
@@ -314,13 +343,37 @@ class _Reference:
         for x in jax.tree_util.tree_leaves(rest):
             seen.register(x, False)
         inputs = {id(x) for i in self.frozen_index for x in arrays[i]}
-        with frozen_not_differentiated(seen, inputs) as hooked:
+        stacks = {id(x): (self.paths[i], sel) for i, sel in self.stacks.items()
+                  for x in arrays[i]} if self.split_stacks else {}
+        hook = frozen_not_differentiated(seen, inputs, stacks)
+        with hook as hooked, scans_split(stacks, self.split):
             self.hooked = hooked
             out = self.step_fn(p, *rest)
         self.element_wise = sum(
             any(id(x) in seen.primals for x in arrays[i]) for i in self.element_index
         )
+        self.stacks_differentiated = {
+            i for i in self.stacks if any(id(x) in seen.primals for x in arrays[i])}
+        self.offsets = np.cumsum([0] + [len(xs) for xs in arrays]).tolist()
         return out
+
+    def unverified(self, jaxpr: Any) -> list[str]:
+        """Why the check cannot verify this trace (empty when it can); frees the
+        tracers kept while tracing."""
+        if self.hooked:
+            self.seen.unseen += unseen_differentiation(jaxpr)
+        del self.seen.keep[:]  # the tracers of the reference trace are no longer needed
+        watched = {jaxpr.invars[k]: {self.paths[i]} for i in self.stacks_differentiated
+                   for k in range(self.offsets[i], self.offsets[i + 1])}
+        missed = sorted(loops_reached(jaxpr, watched))
+        return _unverified(self.hooked, self.seen) + ([
+            f"the stacked leaves {', '.join(map(repr, missed))} (frozen by whole layers) "
+            "reach a loop that the check could not split into runs of frozen and trainable "
+            "layers (a scan not called as jax.lax.scan, e.g. lax.map, fori_loop or a name "
+            "imported from jax.lax; or the stack transformed first), so the weight "
+            "gradients of their frozen layers cannot be measured; run the stack with "
+            "jf.scan(f, init, xs, frozen=..., path=...)"
+        ] if missed else [])
 
 
 def _unverified(hooked: bool, seen: Seen) -> list[str]:
@@ -402,6 +455,10 @@ class _Figures:
     element_wise: int
     frozen: int  # whole frozen leaves
     calls: int  # differentiations seen
+    layers: tuple[tuple[str, tuple[int, ...]], ...] = ()  # stacks whose frozen layers leak
+    layer_flops: float = 0.0  # what their weight gradients cost (measured)
+    stack_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    stacks: int = 0  # element-wise frozen leaves that are stacks frozen by whole layers
 
 
 _LOGGING = (
@@ -418,17 +475,57 @@ _OPTIMIZER = (
 )
 
 
+_SCAN_FIX = (
+    "run the stack with jf.scan(f, init, xs, frozen=..., path=...) in place of "
+    "jax.lax.scan (one scan per run of frozen or trainable layers, frozen slices under "
+    "stop_gradient), or for Flax linen jf.flax.scan(target, frozen=..., **nn.scan "
+    "keyword arguments) in place of nn.scan"
+)
+
+
+def _layer_runs(layers: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 5)`` -> ``'0-2, 5'``."""
+    out, start = [], 0
+    for k in range(1, len(layers) + 1):
+        if k == len(layers) or layers[k] != layers[k - 1] + 1:
+            a, b = layers[start], layers[k - 1]
+            out.append(f"{a}" if a == b else f"{a}-{b}")
+            start = k
+    return ", ".join(out)
+
+
+def _stacks_message(f: _Figures) -> str:
+    """Which stacks' frozen layers get weight gradients, their cost, and the fix."""
+    named = "; ".join(
+        f"{p!r} (frozen layers {_layer_runs(layers)} of {f.stack_sizes.get(p, '?')})"
+        for p, layers in f.layers
+    )
+    return (
+        f" Frozen layers of scanned stacks get weight gradients: {named}. One scan runs "
+        "each whole stack, so its backward pass computes the weight gradient of every "
+        f"layer, frozen ones included: {f.layer_flops:.4g} FLOPs "
+        f"({f.layer_flops / f.flops:.0%} of the step; measured against the same step "
+        f"with those scans split into runs of frozen and trainable layers). Fix: {_SCAN_FIX}."
+    )
+
+
 def _message(
     ok: bool | None, f: _Figures, unverified: list[str], leaking: dict[str, list]
 ) -> str:
     """The verdict, the likely cause and the fix."""
     program = "compiled step" if f.compiled else "step (lowered, not compiled)"
     figures = f"{f.flops:.4g} FLOPs vs {f.ideal_flops:.4g} with frozen leaves not differentiated"
+    in_full = f.element_wise - f.stacks
     elements = (
-        f" {f.element_wise} element-wise frozen leaves are differentiated in full: their "
+        f" {in_full} element-wise frozen leaves are differentiated in full: their "
         "weight gradients are needed for their trainable elements (not counted as frozen "
         "leaves; jf.freeze keeps their frozen elements fixed)."
-        if f.element_wise else ""
+        if in_full else ""
+    ) + (
+        f" {f.stacks} stacked leaves frozen by whole layers are differentiated: each scan "
+        "over them was compared with the same scan split into runs of frozen and "
+        "trainable layers (as jf.scan runs them)."
+        if f.stacks else ""
     )
     if ok is None:
         return (
@@ -447,6 +544,10 @@ def _message(
             f"dropped).{elements}"
         )
     head = f"frozen weight gradients survive in the {program}: {figures} ({f.ratio:.2f}x)."
+    if f.layers:
+        head += _stacks_message(f)
+        if not leaking and f.flops - f.layer_flops <= f.ideal_flops * 1.0001:
+            return head + elements
     scalar = [g for g, shapes in leaking.items() if all(x.ndim == 0 for x in shapes)]
     arrays = [g for g in leaking if g not in scalar]
     if leaking:
