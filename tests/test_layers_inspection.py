@@ -56,6 +56,11 @@ frozen     352 params (61.1%), 1.4 KiB"""
     assert [r.bytes for r in runs] == [4 * 8 * LAYER, 4 * 4 * LAYER]
     assert sum(r.bytes for r in runs) == next(r for r in s.rows if r.name == "layers").bytes
     assert s.frozen_bytes == 4 * 8 * LAYER and s.trainable_bytes == s.total_bytes - s.frozen_bytes
+    # jf.freeze keeps Adam state for the trainable layers only: 2 x trainable bytes + a counter
+    state = jf.freeze(optax.adam(1e-3), frozen=BOTTOM_8).init(stack())
+    s = jf.summary(stack(), frozen=BOTTOM_8, opt_state=state)
+    assert s.opt_state_bytes == 2 * s.trainable_bytes + 4
+    assert str(s).endswith("opt state  1.8 KiB")
 
 
 def test_summary_of_abstract_stacks_and_bf16_bytes():
