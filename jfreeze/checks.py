@@ -229,6 +229,22 @@ def check_frozen_compute(
     weight gradients are needed for their trainable elements. They are not
     stopped and not counted as frozen leaves; ``element_wise`` counts them.
 
+    Stacks (one array per parameter, layers on axis 0) frozen by whole layers
+    (``jf.layers``, or an element mask selecting whole slices along axis 0) are
+    the exception: run by one ``jax.lax.scan`` (or linen ``nn.scan``), the scan's
+    backward pass computes every layer's weight gradient, frozen ones included.
+    In the reference, each ``jax.lax.scan`` over such a stack runs as one scan
+    per run of layers frozen alike, the frozen slices under ``stop_gradient`` (as
+    ``jf.scan`` does), so the excess is measured: ``frozen_layers`` names the
+    stacks and their frozen layers, ``frozen_layer_flops`` what their weight
+    gradients cost, and the message gives the fix (``jf.scan``,
+    ``jf.flax.scan``). A stack that reaches a loop the check cannot split (a
+    ``lax.map``, a ``fori_loop`` indexing it, a scan imported under another
+    name, the stack cast first) makes the report ``ok=None``.
+
+    FLOPs count every loop body by its trip count (:func:`compiled_flops`); a
+    loop whose trip count XLA does not know makes the report ``ok=None``.
+
     Pass the un-jitted step (a ``jax.jit`` wrapper is unwrapped).
 
     Args:
