@@ -522,8 +522,10 @@ def check_manifest(
     optimizer state's paths, shapes and dtypes (if both are given); the
     ``collections`` (if given) as the params, each error naming the collection,
     and the same collection names as saved; and, with ``verify_frozen``, the
-    values of frozen leaves that were not saved (their fingerprint), since the
-    resumed run will use the ones in ``params`` and ``collections``.
+    values of frozen leaves that were not saved (their fingerprint), and of the
+    frozen layers of stacks (a fingerprint per layer: an error names the path
+    and the layer, ``'layers/w' layer 3 of 12 on axis 0``), since the resumed
+    run will use the ones in ``params`` and ``collections``.
     Leaves are compared by path, so the same leaves in another order (fields
     reordered in a refactor) are no difference: :func:`restore_trainable` reads
     them back by path as well. A manifest that is not one jfreeze wrote (wrong
