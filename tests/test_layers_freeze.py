@@ -21,7 +21,7 @@ import jfreeze as jf
 
 STEPS = 3
 # Examples per (optimizer, mode): under jit every example is a fresh compile.
-EXAMPLES = {"jit": 2, "eager": 4}
+EXAMPLES = {"jit": 2, "eager": 3}
 
 
 def nbytes(tree) -> int:
@@ -99,9 +99,10 @@ def _case(params, layer_axis, frozen, rng):
 
 
 def _sub(tree, layer_axis, frozen):
-    """The reference tree: the trainable sub-stack (NumPy), no whole frozen leaf."""
-    return {"head": tree["head"],
-            "stack": {k: np.delete(np.asarray(x), frozen, axis=layer_axis)
+    """The reference tree: the trainable sub-stack (cut with NumPy), no whole frozen
+    leaf. As jax arrays: optax fed NumPy bf16 computes in another precision."""
+    return {"head": jnp.asarray(tree["head"]),
+            "stack": {k: jnp.asarray(np.delete(np.asarray(x), frozen, axis=layer_axis))
                       for k, x in tree["stack"].items()}}
 
 
@@ -152,7 +153,8 @@ def check_stack(mode, make_inner, params, sel, layer_axis, frozen, rng):
 def test_frozen_layers_law_property(name, mode, request):
     mode_id = request.node.callspec.id.split("-")[-1]
     make_inner = OPTIMIZERS[name][0]
-    examples = EXAMPLES[mode_id] - (1 if name == "multisteps_adam" else 0)
+    # Eagerly MultiSteps' lax.cond is traced and compiled at every call.
+    examples = 1 if (name, mode_id) == ("multisteps_adam", "eager") else EXAMPLES[mode_id]
 
     @property_settings(examples, shrink=mode_id == "eager")
     @given(stacks())
@@ -169,7 +171,7 @@ def test_frozen_layers_every_dtype_property(name, mode, request):
     mode_id = request.node.callspec.id.split("-")[-1]
     make_inner = OPTIMIZERS[name][0]
 
-    @property_settings(4, shrink=False)
+    @property_settings(3, shrink=False)
     @given(stacks(dtypes=("bfloat16", "float16", "complex64")))
     def prop(case):
         params, sel, layer_axis, frozen, rng = case
@@ -275,7 +277,7 @@ def test_lbfgs_with_frozen_layers_equals_lbfgs_on_the_trainable_layers(mode):
 
     p, sub = {"w": jnp.asarray(w0)}, {"w": jnp.asarray(w0[[1, 3]])}
     state, rstate = tx.init(p), ref.init(sub)
-    for _ in range(3):
+    for _ in range(2):  # eagerly the linesearch is slow
         p, state, sub, rstate = mode(step)(p, state, sub, rstate)
     w = np.asarray(p["w"])
     np.testing.assert_array_equal(bits(w[[0, 2]]), bits(w0[[0, 2]]))

@@ -391,9 +391,16 @@ def test_thawed_value_and_grad_skips_the_gradients_of_layers_not_yet_thawed():
     assert flops(grad_of(["head"])) < flops(grad_of(["head", "body"])) < full
 
 
-def test_thawed_value_and_grad_element_wise_and_aux():
-    # A leaf thawed element-wise is differentiated whole from its first element's step.
-    thaw = {2: jf.elements("head/w", np.s_[:, 1])}
+@pytest.mark.parametrize("slices", [True, False], ids=["whole_slices", "elements"])
+def test_thawed_value_and_grad_element_wise_and_aux(slices):
+    # Whole slices (a column) thawed: only they are differentiated, zeros elsewhere.
+    # Other element-wise thaws: the leaf is differentiated whole from its first
+    # element's step, the elements not yet thawed are zeros.
+    thawed = np.zeros((5, 3), bool)
+    thawed[:, 1] = True
+    if not slices:
+        thawed[0, 1] = False  # no longer a whole column
+    thaw = {2: jf.elements("head/w", thawed)}
     def loss(p, x, y, *, reduce):  # a non-array keyword argument (a function) passes through
         return _loss(p, x, y), reduce(x)
 
@@ -404,7 +411,8 @@ def test_thawed_value_and_grad_element_wise_and_aux():
     assert not any(np.asarray(a).any() for a in jax.tree.leaves(g0))  # nothing thawed yet
     np.testing.assert_allclose(aux, x.sum())
     _, g2 = g(2, p, x, y, reduce=jnp.sum)
-    np.testing.assert_allclose(g2["head"]["w"], full["head"]["w"], rtol=1e-5, atol=1e-7)
+    want = np.where(thawed, full["head"]["w"], 0.0)
+    np.testing.assert_allclose(g2["head"]["w"], want, rtol=1e-5, atol=1e-7)
     assert not np.asarray(g2["head"]["b"]).any()
 
 
