@@ -12,7 +12,9 @@ the same step differentiating everything).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,23 @@ from .transformer import forward
 from .zoo import ZooConfig
 
 FROZEN = jf.paths("frozen_model/**")  # a sandwich is {"probe": ..., "frozen_model": ...}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the probe needs to know of the frozen models (see ``user_zoo`` for ``apply``)."""
+
+    apply: Callable  # apply(params, x (L, vocab) soft tokens, mask (L,)) -> logit
+    vocab: int  # width of x
+    query_tokens: int  # the queries put mass on token ids below this (not on padding)
+
+
+def as_spec(model: ModelSpec | ZooConfig) -> ModelSpec:
+    """The example's own transformer, for a :class:`ZooConfig`."""
+    if isinstance(model, ModelSpec):
+        return model
+    return ModelSpec(functools.partial(forward, n_heads=model.n_heads), model.vocab,
+                     2 * model.n_vars)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,19 +91,23 @@ def soft_queries(gen: dict, z, L: int, n_lits: int, vocab: int):
     return jnp.pad(probs, ((0, 0), (0, 0), (0, vocab - n_lits)))
 
 
-def sandwich(params: dict, z, cfg: ZooConfig, pc: ProbeConfig):
+def sandwich(params: dict, z, spec: ModelSpec, pc: ProbeConfig):
     """One frozen model in, one "is a generaliser" logit out (vmap over models)."""
     probe, model = params["probe"], params["frozen_model"]
-    x = soft_queries(probe["gen"], z, pc.query_len, 2 * cfg.n_vars, cfg.vocab)
+    x = soft_queries(probe["gen"], z, pc.query_len, spec.query_tokens, spec.vocab)
     lens = np.linspace(pc.min_query_len, pc.query_len, pc.queries).round()
     mask = np.arange(pc.query_len)[None, :] < lens[:, None]  # (K, L), static
-    answers = jax.vmap(lambda xi, mi: forward(model, xi, mi, cfg.n_heads))(x, mask)  # (K,)
+
+    def answer(xi, mi):  # one number per query, whatever the user's apply returns it as
+        return jnp.reshape(spec.apply(model, xi, mi), ()).astype(jnp.float32)
+
+    answers = jax.vmap(answer)(x, mask)  # (K,)
     feats = jnp.concatenate([jnp.tanh(answers / 4), jax.nn.sigmoid(answers)])
     h = jax.nn.gelu(feats @ probe["head"]["w1"] + probe["head"]["b1"])
     return (h @ probe["head"]["w2"] + probe["head"]["b2"])[0]
 
 
-def make_probe_fns(cfg: ZooConfig, pc: ProbeConfig, tx) -> dict:
+def make_probe_fns(model: ModelSpec | ZooConfig, pc: ProbeConfig, tx) -> dict:
     """The training step, the same step also differentiating the frozen models, and predict.
 
     A step takes the population as ``rows``: stacked frozen params of shape
@@ -92,7 +115,8 @@ def make_probe_fns(cfg: ZooConfig, pc: ProbeConfig, tx) -> dict:
     rows are sharded over devices, and the same models whatever the number of
     devices), so a step sees ``S`` models.
     """
-    population = jax.vmap(lambda p, z: sandwich(p, z, cfg, pc),
+    spec = as_spec(model)
+    population = jax.vmap(lambda p, z: sandwich(p, z, spec, pc),
                           in_axes=({"probe": None, "frozen_model": 0}, 0))
 
     def loss_fn(params, labels, z):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 import jfreeze as jf
 
 from .baselines import roc_auc
-from .probe import ProbeConfig, init_probe, make_probe_fns
+from .probe import ModelSpec, ProbeConfig, as_spec, init_probe, make_probe_fns
 from .zoo import ZooConfig
 
 
@@ -41,10 +41,23 @@ def as_rows(tree, labels, S: int):
     return rows, np.asarray(labels, np.float32)[order]
 
 
-def train_probe(zoo_params, labels, cfg: ZooConfig, pc: ProbeConfig, *, devices: int = 1,
-                bf16: bool = False, eval_sets: dict | None = None, eval_every: int = 50,
-                verbose: bool = True, flops_check: bool = True) -> dict[str, Any]:
+def cast_floats(tree, dtype):
+    """Floating leaves to ``dtype`` (a user's checkpoint may hold integer leaves too)."""
+    def cast(x):
+        x = np.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
+
+
+def train_probe(zoo_params, labels, model: ModelSpec | ZooConfig, pc: ProbeConfig, *,
+                devices: int = 1, bf16: bool = False, eval_sets: dict | None = None,
+                eval_every: int = 50, verbose: bool = True,
+                flops_check: bool = True) -> dict[str, Any]:
     """Trains the probe on stacked frozen ``zoo_params`` with 0/1 ``labels``.
+
+    ``model`` is a :class:`~probe.probe.ModelSpec` (a user's apply function), or the
+    example's :class:`ZooConfig`.
 
     ``eval_sets`` maps a name to ``(stacked params, labels)`` scored every
     ``eval_every`` steps (learning curves only; nothing is selected on them).
@@ -55,9 +68,10 @@ def train_probe(zoo_params, labels, cfg: ZooConfig, pc: ProbeConfig, *, devices:
     if S % devices:
         raise ValueError(f"--batch-models {S} must be a multiple of --devices {devices}")
     dtype = jnp.bfloat16 if bf16 else jnp.float32
-    zoo_params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), zoo_params)
+    spec = as_spec(model)
+    zoo_params = cast_floats(zoo_params, dtype)
     rows, row_labels = as_rows(zoo_params, labels, S)
-    probe = init_probe(jax.random.key(pc.seed), pc, 2 * cfg.n_vars)
+    probe = init_probe(jax.random.key(pc.seed), pc, spec.query_tokens)
     tx = optax.adamw(pc.lr, weight_decay=pc.weight_decay)
     opt_state = tx.init(probe)  # the probe's state only: the frozen models are data
 
@@ -76,7 +90,7 @@ def train_probe(zoo_params, labels, cfg: ZooConfig, pc: ProbeConfig, *, devices:
         rows, row_labels = jax.device_put((rows, row_labels))
     rows_before = jax.tree.map(np.array, rows)
 
-    fns = make_probe_fns(cfg, pc, tx)
+    fns = make_probe_fns(spec, pc, tx)
     key = jax.random.key(pc.seed + 1)
     report: dict[str, Any] = {}
     args = (probe, opt_state, rows, row_labels, key)
@@ -100,7 +114,7 @@ def train_probe(zoo_params, labels, cfg: ZooConfig, pc: ProbeConfig, *, devices:
             curves[f"{name}_acc"].append(float(((logits > 0) == y).mean()))
 
     if eval_sets:
-        eval_sets = {k: (jax.tree.map(lambda x: jnp.asarray(x, dtype), p), np.asarray(y))
+        eval_sets = {k: (jax.device_put(cast_floats(p, dtype)), np.asarray(y))
                      for k, (p, y) in eval_sets.items()}
         evaluate(0)
     t0 = time.time()

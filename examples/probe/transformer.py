@@ -98,6 +98,11 @@ def forward(params: dict, x, mask, n_heads: int):
     return logit.astype(jnp.float32)
 
 
+def apply(params: dict, x, mask):
+    """:func:`forward` as ``--model probe.transformer:apply`` calls it (2 heads, the default)."""
+    return forward(params, x, mask, n_heads=2)
+
+
 def batched_logits(params, tokens, mask, cfg: ZooConfig):
     x = jax.nn.one_hot(tokens, cfg.vocab)
     return jax.vmap(lambda xi, mi: forward(params, xi, mi, cfg.n_heads))(x, mask)
