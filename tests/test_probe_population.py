@@ -89,7 +89,13 @@ def test_quick_run(tmp_path):
     assert summary["devices"] == 2
     # Frozen weight gradients are never computed: asking for them costs more.
     assert summary["flops"]["with_frozen_grads"] > 1.05 * summary["flops"]["probe_step"]
-    assert set(summary["scores"]) == {"majority", "weight stats", "probe"}
+    assert set(summary["scores"]) == {"majority", "weight stats", "probe", "probe + w.stats"}
+    # Every method also within each setup group the zoo varies (pooled held-out models).
+    within = summary["within_groups"]
+    assert set(within) == {"pos_kind", "train_len", "lr", "wd"}
+    assert sum(g["n"] for g in within["pos_kind"].values()) == sum(summary["test_models"])
+    assert set(within["pos_kind"]["none"]) >= {"n", "majority_rate", "probe", "probe + w.stats"}
+    assert "within setup groups" in out.stdout
     assert (tmp_path / "out" / "probe_population.png").stat().st_size > 10_000
     assert list((tmp_path / "zoo").glob("zoo-*.npz"))
 

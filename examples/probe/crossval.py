@@ -1,16 +1,25 @@
-"""Held-out models: the probe and the baselines, fold by fold, on models none of them saw."""
+"""Held-out models: the probe and the baselines, fold by fold, on models none of them saw.
+
+Every method's held-out score of every model is kept (each model is held out in exactly
+one fold), so the report can also score each method *within* each setup group.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import baselines
-from .probe import ProbeConfig
+from .probe import ModelSpec, ProbeConfig
 from .report import flops_line
-from .train import train_probe
+from .train import cast_floats, train_probe
 from .zoo import ZooConfig
+
+COMBINED = "probe + w.stats"
 
 
 def split_models(n: int, test_frac: float, seed: int, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -44,15 +53,50 @@ def on_device(tree, dtype=None):
     return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
 
 
-def cross_validate(params, labels, splits: list, cfg: ZooConfig, pc: ProbeConfig, *,
-                   devices: int = 1, bf16: bool = False) -> dict:
-    """Per fold: trains the probe (FLOPs checked on the first) and scores all three."""
-    folds, curves, seconds, moved, flops = [], [], 0.0, [], {}
+def probe_logits(out: dict, params) -> np.ndarray:
+    """A trained probe's logits (averaged over noise draws) for stacked ``params``."""
+    return np.asarray(out["predict"](on_device(out["probe"]),
+                                     on_device(cast_floats(params, out["dtype"])),
+                                     jax.random.key(10_000)))
+
+
+def cross_fit(params, labels, tr, te, model, pc: ProbeConfig, k: int, seed: int, **kw):
+    """Held-out probe logits for every training model, and the same probes' mean on ``te``.
+
+    ``k`` probes, each trained on all but one stratified ``k``-th of the training models
+    ``tr`` and scoring that ``k``-th, so no training model is scored by a probe that saw it;
+    the test models ``te`` are never touched. What ``probe + w.stats`` is fitted on.
+    """
+    held, on_test = np.full(len(tr), np.nan), []
+    for j, (a, b) in enumerate(make_splits(labels[tr], k, 0.5, seed + 1)):
+        assert not np.intersect1d(tr[a], te).size and not np.intersect1d(tr[b], tr[a]).size
+        out = train_probe(take(params, tr[a]), labels[tr[a]], model,
+                          dataclasses.replace(pc, seed=pc.seed + 1 + j), verbose=False,
+                          flops_check=False, **kw)
+        held[b] = probe_logits(out, take(params, tr[b]))
+        on_test.append(probe_logits(out, take(params, te)))
+    assert not np.isnan(held).any()
+    return held, np.mean(on_test, axis=0)
+
+
+def cross_validate(params, labels, splits: list, model: ModelSpec | ZooConfig, pc: ProbeConfig,
+                   *, devices: int = 1, bf16: bool = False, stack_folds: int = 2,
+                   seed: int = 0) -> dict:
+    """Per fold: trains the probe (FLOPs checked on the first) and scores every method.
+
+    ``stack_folds`` > 1 adds ``probe + w.stats``, fitted on the training fold's models
+    with cross-fitted probe logits (``stack_folds`` more probes per fold); 0 leaves it out.
+    Returns per-fold and mean scores, and ``held_out``: each method's score and
+    prediction for every model (NaN where a model was never held out, as in one split).
+    """
+    folds, curves, seconds, moved, flops, stack_seconds = [], [], 0.0, [], {}, 0.0
+    n = len(labels)
+    held_out: dict[str, dict[str, np.ndarray]] = {}
     for k, (tr, te) in enumerate(splits):
         if len(splits) > 1:
             print(f"fold {k + 1}/{len(splits)}: {len(tr)} training models, {len(te)} held out")
         out = train_probe(
-            take(params, tr), labels[tr], cfg, pc, devices=devices, bf16=bf16,
+            take(params, tr), labels[tr], model, pc, devices=devices, bf16=bf16,
             eval_sets={"train": (take(params, tr), labels[tr]),
                        "test": (take(params, te), labels[te])},
             eval_every=max(10, pc.steps // 20), flops_check=k == 0,
@@ -63,23 +107,36 @@ def cross_validate(params, labels, splits: list, cfg: ZooConfig, pc: ProbeConfig
         if k == 0:
             flops = out["flops"]
             print(flops_line(flops, out["optimizer_numbers"]))
-        logits = np.asarray(out["predict"](on_device(out["probe"]),
-                                           on_device(take(params, te), out["dtype"]),
-                                           jax.random.key(10_000)))
-        y_te = labels[te]
-        folds.append({
-            "majority": baselines.majority(labels[tr], y_te),
-            "weight stats": baselines.weight_stats(take(params, tr), labels[tr],
-                                                   take(params, te), y_te),
-            "probe": {"acc": float(((logits > 0) == y_te).mean()),
-                      "auc": baselines.roc_auc(y_te, logits)},
-        })
+        logits = probe_logits(out, take(params, te))
+        y_tr, y_te = labels[tr], labels[te]
+        fold = {
+            "majority": baselines.majority(y_tr, y_te),
+            "weight stats": baselines.weight_stats(take(params, tr), y_tr, take(params, te), y_te),
+            "probe": baselines.scored(y_te, logits, logits > 0),
+        }
+        if stack_folds > 1 and np.bincount(y_tr, minlength=2).min() >= stack_folds:
+            print(f"{COMBINED}: {stack_folds} cross-fitted probes on the training models")
+            t0 = time.time()
+            held, test_logits = cross_fit(params, labels, tr, te, model, pc, stack_folds,
+                                          seed + k, devices=devices, bf16=bf16)
+            stack_seconds += time.time() - t0
+            fold[COMBINED] = baselines.probe_and_weight_stats(
+                held, take(params, tr), y_tr, test_logits, take(params, te), y_te)
+        elif stack_folds > 1:  # too few of a class to cross-fit: no score, not a made-up one
+            nan = np.full(len(te), np.nan)
+            fold[COMBINED] = {"acc": np.nan, "auc": np.nan, "score": nan, "pred": nan}
+        for name, sc in fold.items():
+            h = held_out.setdefault(name, {"score": np.full(n, np.nan),
+                                           "pred": np.full(n, np.nan)})
+            h["score"][te], h["pred"][te] = sc.pop("score"), sc.pop("pred")
+        folds.append(fold)
     return {
-        "per_fold": folds,
+        "per_fold": folds, "held_out": held_out,
         "scores": {name: {m: float(np.mean([fd[name][m] for fd in folds])) for m in ("acc", "auc")}
                    for name in folds[0]},
         "std_over_folds": {name: {m: float(np.std([fd[name][m] for fd in folds]))
                                   for m in ("acc", "auc")} for name in folds[0]},
         "curves": {key: np.mean([c[key] for c in curves], axis=0).tolist() for key in curves[0]},
-        "flops": flops, "probe_seconds": seconds, "frozen_moved": moved,
+        "flops": flops, "probe_seconds": seconds, "stack_seconds": stack_seconds,
+        "frozen_moved": moved,
     }

@@ -9,12 +9,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from .baselines import roc_auc
 from .transformer import POS_KINDS
 
 
 def header(cfg, pc, devices: int) -> str:
-    return (f"jax {jax.__version__} on {jax.devices()[0].platform} x{devices}; "
-            f"zoo {cfg.models} models d={cfg.d_model} layers={cfg.n_layers}, "
+    """``cfg`` None: a user's zoo (``--zoo``)."""
+    the_zoo = (f"zoo {cfg.models} models d={cfg.d_model} layers={cfg.n_layers}" if cfg
+               else "a user's zoo")
+    return (f"jax {jax.__version__} on {jax.devices()[0].platform} x{devices}; {the_zoo}, "
             f"probe {pc.queries} queries x {pc.query_len} tokens, {pc.steps} steps")
 
 
@@ -52,37 +55,110 @@ def scores_table(result: dict, labels, splits: list) -> str:
     else:
         lines = [f"held-out models: {n}-fold cross-validation over {len(labels)} models "
                  f"(mean ± std over folds)"]
-    lines.append(f"{'':14s} {'accuracy':>13s} {'ROC-AUC':>13s}")
+    lines.append(f"{'':16s} {'accuracy':>13s} {'ROC-AUC':>13s}")
     for name, sc in scores.items():
         cells = [f"{sc[m]:.3f}" + (f" ± {spread[name][m]:.3f}" if n > 1 else "")
                  for m in ("acc", "auc")]
-        lines.append(f"{name:14s} {cells[0]:>13s} {cells[1]:>13s}")
+        lines.append(f"{name:16s} {cells[0]:>13s} {cells[1]:>13s}")
     return "\n".join(lines)
 
 
-def finish(out: Path, result: dict, zoo: dict, labels, kept, splits: list, t_start: float, *,
-           threshold: float, zoo_seconds: float, zoo_cached: bool, devices: int,
-           bf16: bool) -> None:
-    """Saves the plot and ``summary.json`` under ``out``, and prints the held-out scores."""
+def within_groups(held_out: dict, labels, groups: dict) -> dict:
+    """Every method's held-out accuracy and ROC-AUC within each group of each setup variable.
+
+    Pooled over folds (each model is held out once); ``majority rate`` is the group's
+    larger class: what a classifier knowing only the group would score.
+    """
+    out: dict = {}
+    scored = ~np.isnan(next(iter(held_out.values()))["score"])
+    for var, values in groups.items():
+        values = np.asarray(values).astype(str)
+        rows = {}
+        for g in sorted(set(values[scored].tolist()), key=_natural):
+            idx = np.flatnonzero(scored & (values == g))
+            y = np.asarray(labels)[idx]
+            row = {"n": len(idx), "generalisers": float(y.mean()),
+                   "majority_rate": float(max(y.mean(), 1 - y.mean()))}
+            for name, h in held_out.items():
+                ok = ~np.isnan(h["score"][idx])
+                yy, sc, pr = y[ok], h["score"][idx][ok], h["pred"][idx][ok]
+                acc = float((pr.astype(bool) == yy.astype(bool)).mean()) if ok.any() else np.nan
+                row[name] = {"acc": acc, "auc": roc_auc(yy, sc) if ok.any() else np.nan}
+            rows[g] = row
+        out[var] = rows
+    return out
+
+
+def _natural(g: str):
+    try:
+        return (0, float(g), g)
+    except ValueError:
+        return (1, 0.0, g)
+
+
+def groups_table(within: dict, readable: dict, n_folds: int) -> str:
+    """:func:`within_groups` as text: one block per setup variable, accuracy / ROC-AUC."""
+    first = next(iter(next(iter(within.values())).values()), {}) if within else {}
+    names = [k for k, v in first.items() if isinstance(v, dict)]  # the methods
+    pooled = f"pooled over {n_folds} folds" if n_folds > 1 else "of one split"
+    lines = [f"within setup groups: held-out predictions {pooled}; gen. = generaliser share, "
+             "maj. = the larger class's share (what knowing only the group scores); cells: "
+             "accuracy / ROC-AUC"]
+    head = f"{'group':22s} {'n':>4s} {'gen.':>5s} {'maj.':>5s}" + "".join(
+        f"  {nm:>15s}" for nm in names)
+    for var, rows in within.items():
+        r = readable.get(var)
+        told = (f"weight stats read {var} with {r['acc']:.2f} CV accuracy (majority "
+                f"{r['majority']:.2f})" if r else "not read from weights (too few per group)")
+        lines += ["", f"{var}: {told}", head]
+        for g, row in rows.items():
+            cells = "".join(f"  {_cell(row[nm]):>15s}" for nm in names)
+            lines.append(f"{var + '=' + g:22s} {row['n']:4d} {row['generalisers']:5.2f} "
+                         f"{row['majority_rate']:5.2f}{cells}")
+    return "\n".join(lines)
+
+
+def _cell(sc: dict) -> str:
+    f = [("  -  " if np.isnan(sc[m]) else f"{sc[m]:.3f}") for m in ("acc", "auc")]
+    return f"{f[0]} / {f[1]}"
+
+
+def finish(out: Path, result: dict, labels, splits: list, t_start: float, *, groups: dict,
+           readable: dict, zoo_seconds: float, zoo_cached: bool, devices: int, bf16: bool,
+           test_acc=None, kept=None, threshold: float | None = None) -> dict:
+    """Saves the plot and ``summary.json`` under ``out``, prints the held-out scores overall
+    and within each setup group; returns the within-group scores.
+
+    ``test_acc``, ``kept`` and ``threshold`` describe the example's own zoo (None for a
+    user's zoo, whose labels come from ``labels.csv``).
+    """
     n = len(splits)
     out.mkdir(parents=True, exist_ok=True)
     plot_path = out / "probe_population.png"
-    plot(plot_path, result["curves"], result["scores"], zoo["test_acc"], threshold, kept,
+    plot(plot_path, result["curves"], result["scores"], test_acc, threshold, kept,
          result["std_over_folds"] if n > 1 else None, n)
+    within = within_groups(result["held_out"], labels, groups)
     total = time.time() - t_start
     summary = {
-        "zoo_models": len(kept), "kept": int(kept.sum()), "generalisers": int(labels.sum()),
-        "threshold": threshold, "folds": n, "test_models": [len(te) for _, te in splits],
+        "models": len(labels), "generalisers": int(np.sum(labels)), "threshold": threshold,
+        "folds": n, "test_models": [len(te) for _, te in splits],
+        **({"zoo_models": len(kept), "kept": int(kept.sum())} if kept is not None else {}),
         **{k: result[k] for k in ("scores", "std_over_folds", "per_fold", "flops")},
+        "within_groups": within, "setup_read_from_weights": readable,
         "zoo_seconds": zoo_seconds, "zoo_cached": zoo_cached,
-        "probe_seconds": result["probe_seconds"], "total_seconds": total,
-        "devices": devices, "bf16": bool(bf16),
+        "probe_seconds": result["probe_seconds"], "stack_seconds": result["stack_seconds"],
+        "total_seconds": total, "devices": devices, "bf16": bool(bf16),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print()
     print(scores_table(result, labels, splits))
-    print(f"zoo: {zoo_seconds:.0f}s ({'cached' if zoo_cached else 'trained'}), "
-          f"probe: {result['probe_seconds']:.0f}s, total {total:.0f}s; plot: {plot_path}")
+    if groups:
+        print()
+        print(groups_table(within, readable, n))
+    print(f"\nzoo: {zoo_seconds:.0f}s ({'cached' if zoo_cached else 'trained'}), "
+          f"probe: {result['probe_seconds']:.0f}s (+{result['stack_seconds']:.0f}s cross-fitted "
+          f"probes), total {total:.0f}s; plot: {plot_path}")
+    return within
 
 
 def plot(path: Path, curves: dict, scores: dict, test_acc, threshold: float, kept,
@@ -126,12 +202,16 @@ def plot(path: Path, curves: dict, scores: dict, test_acc, threshold: float, kep
     ax[1].legend(fontsize=7, loc="lower right")
     ax[1].set_title("held-out models" + (f" ({n_folds}-fold CV, ± std)" if n_folds > 1 else ""))
 
-    bins = np.linspace(0.4, 1.0, 25)
-    ax[2].hist(np.asarray(test_acc)[kept], bins=bins, color="tab:green", alpha=0.8)
-    ax[2].axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.2f}")
-    ax[2].set_xlabel("zoo model accuracy on long sequences")
-    ax[2].set_ylabel("models")
-    ax[2].legend(fontsize=7)
+    if test_acc is not None:
+        bins = np.linspace(0.4, 1.0, 25)
+        ax[2].hist(np.asarray(test_acc)[kept], bins=bins, color="tab:green", alpha=0.8)
+        ax[2].axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:.2f}")
+        ax[2].set_xlabel("zoo model accuracy on long sequences")
+        ax[2].set_ylabel("models")
+        ax[2].legend(fontsize=7)
+    else:  # a user's zoo: labels.csv holds labels, not the accuracies behind them
+        ax[2].axis("off")
+        ax[2].text(0.5, 0.5, "labels from labels.csv", ha="center", va="center")
     ax[2].set_title("the zoo's labels")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,13 @@ def labelled(zoo: dict, min_train_acc: float, threshold: float | None = None):
     return jax.tree.map(lambda x: np.asarray(x)[idx], zoo["params"]), labels, kept, threshold
 
 
+def setup_groups(zoo: dict, kept) -> dict[str, np.ndarray]:
+    """The setup variables of the kept models, as strings (seeds differ per model: left out)."""
+    s = {k: np.asarray(v)[kept] for k, v in zoo["settings"].items()}
+    return {"pos_kind": np.array([POS_KINDS[i] for i in s["pos_kind"]]),
+            **{k: np.array([f"{x:g}" for x in s[k]]) for k in ("train_len", "lr", "wd")}}
+
+
 # --------------------------------------------------------------------------
 # The cache: one .npz per config, keyed by its hash.
 
