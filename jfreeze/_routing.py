@@ -32,8 +32,8 @@ from jfreeze._tree import (
 __all__ = [
     "FROZEN",
     "TRAIN",
-    "Cut",
-    "FrozenSlices",
+    "WholeSlices",
+    "ZeroSlicesState",
     "ZeroUpdatesState",
     "as_transform",
     "check_frozen_slices",
@@ -98,7 +98,7 @@ class ZeroUpdatesState(optax.EmptyState):
         return "EmptyState()"
 
 
-class FrozenSlices:
+class ZeroSlicesState:
     """The state of a frozen label when some leaves are frozen in whole slices
     (:func:`cuts`): no arrays, only which slices are frozen, as static data, so
     that an update with another selection is an error naming the path (a state
@@ -111,18 +111,18 @@ class FrozenSlices:
         self.layout = layout
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is FrozenSlices and other.layout == self.layout
+        return type(other) is ZeroSlicesState and other.layout == self.layout
 
     def __hash__(self) -> int:
         return hash(self.layout)
 
     def __repr__(self) -> str:
-        return "FrozenSlices(" + ", ".join(
+        return "ZeroSlicesState(" + ", ".join(
             f"{p!r}: axis {a}, {_indices(f)}" for p, a, f in self.layout) + ")"
 
 
 jax.tree_util.register_pytree_node(
-    FrozenSlices, lambda s: ((), s.layout), lambda layout, _: FrozenSlices(layout))
+    ZeroSlicesState, lambda s: ((), s.layout), lambda layout, _: ZeroSlicesState(layout))
 
 
 def zero_updates(frozen_slices: tuple = ()) -> optax.GradientTransformation:
@@ -141,7 +141,7 @@ def zero_updates(frozen_slices: tuple = ()) -> optax.GradientTransformation:
 
     def init(params) -> Any:  # optax's OptState alias does not admit a custom node
         del params
-        return FrozenSlices(frozen_slices) if frozen_slices else ZeroUpdatesState()
+        return ZeroSlicesState(frozen_slices) if frozen_slices else ZeroUpdatesState()
 
     return optax.GradientTransformation(init, update)
 
@@ -177,14 +177,14 @@ def routed(
 
 #: ``(axis, frozen)``: a leaf frozen in whole slices along ``axis``, ``frozen[i]``
 #: for slice ``i``.
-Cut = tuple[int, np.ndarray]
+WholeSlices = tuple[int, np.ndarray]
 
 
-def cuts(flat: Flat, masks: list[Mask]) -> list[Cut | None]:
-    """Per real leaf: its :data:`Cut` if its mask is a slab (``_tree.slab``) and it
+def cuts(flat: Flat, masks: list[Mask]) -> list[WholeSlices | None]:
+    """Per real leaf: its :data:`WholeSlices` if its mask is a slab (``_tree.slab``) and it
     is a float array (a slice of a NNX Variable or of an int leaf's ``float0``
     gradient is not taken: those keep ``jnp.where`` zeroing), else ``None``."""
-    out: list[Cut | None] = []
+    out: list[WholeSlices | None] = []
     for (_, x), m in zip(flat.entries, masks, strict=True):
         s = slab(m)
         ok = s is not None and isinstance(x, (jax.Array, np.ndarray)) and bool(
@@ -193,7 +193,7 @@ def cuts(flat: Flat, masks: list[Mask]) -> list[Cut | None]:
     return out
 
 
-def layout(flat: Flat, cut: list[Cut | None]) -> tuple:
+def layout(flat: Flat, cut: list[WholeSlices | None]) -> tuple:
     """``((path, axis, frozen slices as a tuple of bools), ...)``: static, hashable."""
     return tuple((p, c[0], tuple(bool(b) for b in c[1]))
                  for p, c in zip(flat.paths, cut, strict=True) if c is not None)
@@ -222,9 +222,9 @@ def check_frozen_slices(state: Any, now: tuple, who: str) -> None:
     if not isinstance(states, dict):
         return  # not a jfreeze state: the inner optimizer, or the state check, says so
     held = getattr(states.get(FROZEN), "inner_state", None)
-    if not isinstance(held, FrozenSlices):
+    if not isinstance(held, ZeroSlicesState):
         held = ZeroUpdatesState()  # nothing recorded: nothing was cut at init
-    why = layout_change(held.layout if isinstance(held, FrozenSlices) else (), now)
+    why = layout_change(held.layout if isinstance(held, ZeroSlicesState) else (), now)
     if why:
         raise ValueError(
             f"{who}: the optimizer state does not match the updates (tx.init was given "
@@ -234,14 +234,14 @@ def check_frozen_slices(state: Any, now: tuple, who: str) -> None:
         )
 
 
-def gather(x: Any, cut: Cut) -> jax.Array:
+def gather(x: Any, cut: WholeSlices) -> jax.Array:
     """The trainable slices of ``x``, in order: static slices, one concatenate."""
     axis, frozen = cut
     parts = [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b, v in runs(frozen) if not v]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis)
 
 
-def scatter(sub: Any, cut: Cut, frozen_from: Any = None) -> jax.Array:
+def scatter(sub: Any, cut: WholeSlices, frozen_from: Any = None) -> jax.Array:
     """A full leaf from its trainable slices ``sub`` (see :func:`gather`); the
     frozen slices are ``frozen_from``'s (copied: every bit kept), or ``-0.0``
     (``-0-0j``) of ``sub``'s dtype without it."""
@@ -260,7 +260,7 @@ def scatter(sub: Any, cut: Cut, frozen_from: Any = None) -> jax.Array:
     return jnp.concatenate(parts, axis)
 
 
-def map_cut(flat: Flat, cut: list[Cut | None], tree: Any, fn: Callable) -> Any:
+def map_cut(flat: Flat, cut: list[WholeSlices | None], tree: Any, fn: Callable) -> Any:
     """``fn(leaf, cut)`` at the cut leaves of ``tree`` (shaped like ``flat.tree``);
     a tree of another structure (``None`` params) is returned as is."""
     if tree is None or all(c is None for c in cut):

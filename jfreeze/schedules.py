@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from jfreeze._routing import (
-    Cut,
+    WholeSlices,
     as_transform,
     check_frozen_slices,
     constant,
@@ -253,7 +253,7 @@ def _stage_of(step: Any) -> str:
 
 def _inner_tx(
     inner: optax.GradientTransformationExtraArgs, flat: Flat, steps: list[Any],
-    cut: list[Cut | None], count: jax.Array, per_stage: bool,
+    cut: list[WholeSlices | None], count: jax.Array, per_stage: bool,
 ) -> optax.GradientTransformationExtraArgs:
     """``inner`` with what no stage thaws routed away (whole leaves; slices are
     ``cut`` away by the caller, and recorded in the frozen label's state); with
@@ -282,11 +282,11 @@ def _held_at(step: Any, bound: int) -> Mask:
     return step > bound
 
 
-def _cut_down(x: Any, cut: Cut | None) -> Any:
+def _cut_down(x: Any, cut: WholeSlices | None) -> Any:
     return x if cut is None else gather(x, cut)
 
 
-def _thawed_grad(g: Any, held: Mask, cut: Cut | None, zeros: Any) -> Any:
+def _thawed_grad(g: Any, held: Mask, cut: WholeSlices | None, zeros: Any) -> Any:
     """A leaf's gradient with zeros where it has not thawed: put around its thawed
     slices (``cut``), or selected element-wise."""
     if cut is not None:

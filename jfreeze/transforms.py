@@ -14,7 +14,8 @@ import optax
 from jfreeze._routing import (
     FROZEN,
     TRAIN,
-    Cut,
+    WholeSlices,
+    ZeroSlicesState,
     ZeroUpdatesState,
     as_transform,
     check_frozen_slices,
@@ -55,7 +56,7 @@ def _zero_elements(tree: Any, masks: list[Mask]) -> Any:
     return flat.unflatten(out)
 
 
-def _uncut(masks: list[Mask], cut: list[Cut | None]) -> list[Mask]:
+def _uncut(masks: list[Mask], cut: list[WholeSlices | None]) -> list[Mask]:
     """The masks left once the slab-frozen leaves are cut down to their trainable slices."""
     return [False if c is not None else m for m, c in zip(masks, cut, strict=True)]
 
@@ -77,7 +78,7 @@ _PARAMS_FNS = ("obj_fn", "value_fn")
 
 def _filled_fns(
     extra_args: dict, params: Any, masks: list[Mask] | None = None,
-    cut: list[Cut | None] | None = None,
+    cut: list[WholeSlices | None] | None = None,
 ) -> dict:
     """``obj_fn`` / ``value_fn`` that accept the inner optimizer's masked params.
 
@@ -554,7 +555,8 @@ def _inner_key(state: Any, label: Any, who: str) -> tuple[Any, Hashable]:
             return part, TRAIN
         # A frozen label's state is a ZeroUpdatesState; a stateless optimizer's
         # (optax.scale) is optax's own, and is a label as any other.
-        live = [k for k in keys if not isinstance(states[k].inner_state, ZeroUpdatesState)]
+        frozen_states = (ZeroUpdatesState, ZeroSlicesState)
+        live = [k for k in keys if not isinstance(states[k].inner_state, frozen_states)]
         if len(live) == 1:
             return part, live[0]
         raise ValueError(
@@ -711,7 +713,9 @@ def schedule_free_eval_params(state: Any, params: Any, *, frozen: FrozenSpec) ->
     return flat.unflatten(out)
 
 
-def _eval_leaves(flat: Flat, cut: list[Cut | None], sf: Any, who: str) -> list[tuple[int, Any]]:
+def _eval_leaves(
+    flat: Flat, cut: list[WholeSlices | None], sf: Any, who: str
+) -> list[tuple[int, Any]]:
     """``(leaf index, eval value)`` for the leaves one schedule-free state trains;
     a leaf frozen in whole slices (``cut``) is cut to its trainable slices for
     optax's function and put back together around the params' frozen slices."""

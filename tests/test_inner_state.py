@@ -86,18 +86,28 @@ def test_plain_optax_eval_fails_on_a_freeze_state_and_jf_names_the_way():
                                      params, frozen=BACKBONE)
 
 
-def test_schedule_free_eval_keeps_frozen_elements_bits():
+@pytest.mark.parametrize("slices", [False, True], ids=["elements", "whole_slices"])
+def test_schedule_free_eval_keeps_frozen_elements_bits(slices):
     params = _params()
-    frozen = BACKBONE | jf.elements("head/w", np.s_[:, 0])
+    where = np.zeros(params["head"]["w"].shape, bool)
+    where[:, 0] = True
+    if not slices:
+        where[-1, 0] = False  # not a whole column: the leaf reaches the optimizer whole
+    frozen = BACKBONE | jf.elements("head/w", where)
     tx = jf.freeze(optax.contrib.schedule_free_adamw(0.1, weight_decay=0.5), frozen=frozen)
     new, state = _run(tx, params, lambda i: _grads(i, params),
                       lambda p, u: jf.apply_updates(p, u, frozen=frozen), _eager)
     ev = jf.schedule_free_eval_params(state, new, frozen=frozen)
-    _assert_bits(ev["head"]["w"][:, 0], params["head"]["w"][:, 0])
+    _assert_bits(np.asarray(ev["head"]["w"])[where], np.asarray(params["head"]["w"])[where])
     assert ev["backbone"]["w"] is new["backbone"]["w"]
+    if slices:  # the state holds the trainable column only: frozen= must say which
+        with pytest.raises(ValueError, match=r"z at path 'head/w' has shape \(3, 1\)"):
+            jf.schedule_free_eval_params(state, new, frozen=BACKBONE)
+        return
     # Weight decay moved z at the frozen entries: without frozen= they would not be kept.
     loose = jf.schedule_free_eval_params(state, new, frozen=BACKBONE)
-    assert not np.array_equal(loose["head"]["w"][:, 0], params["head"]["w"][:, 0])
+    assert not np.array_equal(np.asarray(loose["head"]["w"])[where],
+                              np.asarray(params["head"]["w"])[where])
 
 
 @pytest.mark.parametrize("mode", MODES)
