@@ -17,6 +17,9 @@ loads it on first use.
   trainable-only checkpoint, frozen parts by reference.
 - :func:`nnx_filter` — a jfreeze selector as an NNX filter, for
   ``nnx.Optimizer(model, tx, wrt=...)`` and ``nnx.DiffState``.
+- :func:`scan` / :func:`nnx_scan` — a scanned layer stack (``nn.scan``, or an
+  ``nnx.vmap``-built stack) run by ``jf.scan``, so frozen layers get no weight
+  gradients; ``jf.flax.scan`` keeps ``nn.scan``'s parameter tree.
 """
 
 from __future__ import annotations
@@ -29,12 +32,17 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
+from flax.core import unfreeze
+from flax.core.scope import in_filter
 from flax.training import train_state as _train_state
 
 from jfreeze._tree import describe_paths, path_str, shape_dtype, simplify
 from jfreeze.checkpoint import restore_trainable, save_trainable
 from jfreeze.forward import merge, split
+from jfreeze.scanning import scan as scan_stack
 from jfreeze.selectors import FrozenSpec, Selector, as_selector, checked_leaf_mask
 
 __all__ = [
@@ -42,8 +50,10 @@ __all__ = [
     "TrainState",
     "frozen",
     "nnx_filter",
+    "nnx_scan",
     "restore_train_state",
     "save_train_state",
+    "scan",
 ]
 
 CollectionFilter = Any  # what flax takes: a name, a list/tuple of names, True
@@ -234,6 +244,285 @@ def _frozen_instance(target: nn.Module, method: str | Callable | None,
     else:
         fn = method.__func__ if inspect.ismethod(method) else method
     return _FrozenCall(target, fn, collections)
+
+
+# --------------------------------------------------------------------------
+# linen: a scanned stack whose frozen layers get no weight gradients.
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScanSpec:
+    """What the drop-in needs at apply of the ``nn.scan`` keywords."""
+
+    target: type
+    frozen: FrozenSpec
+    variable_axes: dict
+    variable_broadcast: CollectionFilter
+    split_rngs: dict
+    in_axes: Any
+    out_axes: Any
+    length: int | None
+    reverse: bool
+    unroll: int | bool
+
+    def axis_of(self, col: str) -> int | None:
+        """The stacking axis of collection ``col``; None if it is broadcast."""
+        for filt, axis in self.variable_axes.items():
+            if in_filter(filt, col):
+                if not isinstance(axis, int):
+                    raise NotImplementedError(
+                        f"jf.flax.scan: variable_axes[{filt!r}] = {axis!r}; only an int axis "
+                        "(the same in and out) is supported.")
+                return axis
+        if in_filter(self.variable_broadcast, col):
+            return None
+        raise ValueError(
+            f"jf.flax.scan({self.target.__name__}): collection {col!r} is neither in "
+            "variable_axes nor in variable_broadcast.")
+
+    def splits(self, name: str) -> bool:
+        return any(in_filter(filt, name) and split for filt, split in self.split_rngs.items())
+
+
+def scan(target: type, *, frozen: FrozenSpec, variable_axes: Any = None,
+         variable_broadcast: CollectionFilter = False, split_rngs: Any = None,
+         in_axes: Any = 0, out_axes: Any = 0, length: int | None = None,
+         reverse: bool = False, unroll: int | bool = 1, **kwargs: Any) -> type:
+    """``nn.scan`` whose frozen layers get no weight gradients, with the same parameters.
+
+    A drop-in for ``nn.scan(target, variable_axes={"params": 0}, ...)`` with one
+    more keyword: the module class it returns is used exactly like the
+    ``nn.scan`` one, has the same name (so the same auto-name) and creates the
+    same variables at ``init``, so a checkpoint of the unfrozen model loads as
+    is. At ``apply`` it runs the stacked layers with :func:`jfreeze.scan`: the
+    layers ``frozen`` selects are run as their own scans under
+    ``jax.lax.stop_gradient``, so the compiled step computes none of their
+    weight gradients (a frozen run at the input has no backward pass at all).
+    Freezing in the forward pass does not stop an optimizer from moving the
+    parameters: also use ``jf.freeze(tx, frozen=...)`` with the same selector.
+
+    Args:
+      target: the linen module class of one layer; its ``__call__(carry, *xs)``
+        returns ``(carry, y)``, as for ``nn.scan``.
+      frozen: what is frozen, as in ``jf.freeze``, evaluated on the stacked
+        ``params`` with the module's own path in front, so the selector given to
+        ``jf.freeze(..., frozen=...)`` on ``variables["params"]`` works as is:
+        ``jf.layers("decoder/layers/**", range(8))`` (``axis=1`` for a stack
+        kept on axis 1, ``variable_axes={"params": 1}``).
+      variable_axes, variable_broadcast, split_rngs, in_axes, out_axes, length,
+        reverse, unroll, **kwargs: as for ``nn.scan``. At ``apply``, int axes
+        and ``nn.broadcast`` inputs are supported; collections stacked in
+        ``variable_axes`` other than ``params`` may be mutable (``batch_stats``,
+        ``intermediates``); RNG streams are split per layer as ``split_rngs``
+        says, but not into the same keys as ``nn.scan`` (dropout masks differ).
+        ``variable_carry``, ``methods`` and ``data_transform`` are not supported
+        (a ``NotImplementedError``).
+
+    Returns:
+      A linen module class, a subclass of ``nn.scan(target, ...)``.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import jfreeze as jf
+    >>> class Block(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, h, _):
+    ...         return jnp.tanh(nn.Dense(2)(h)), None
+    >>> frozen = jf.layers("layers/**", [0, 1])        # bottom 2 of 3
+    >>> class Net(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         Stack = jf.flax.scan(Block, frozen=frozen, variable_axes={"params": 0},
+    ...                              split_rngs={"params": True}, length=3)
+    ...         return Stack(name="layers")(x, None)[0].sum()
+    >>> params = Net().init(jax.random.key(0), jnp.ones((1, 2)))["params"]
+    >>> jax.tree.map(jnp.shape, params)        # the nn.scan parameters
+    {'layers': {'Dense_0': {'bias': (3, 2), 'kernel': (3, 2, 2)}}}
+    >>> g = jax.grad(lambda p: Net().apply({"params": p}, jnp.ones((1, 2))))(params)
+    >>> g["layers"]["Dense_0"]["bias"].any(axis=1)
+    Array([False, False,  True], dtype=bool)
+    """
+    if not (isinstance(target, type) and issubclass(target, nn.Module)):
+        raise TypeError(f"jf.flax.scan takes a linen Module class, got {target!r}")
+    for key in ("variable_carry", "methods", "data_transform"):
+        if kwargs.get(key):
+            raise NotImplementedError(
+                f"jf.flax.scan({target.__name__}, {key}=...) is not supported; use nn.scan "
+                "(frozen layers then get weight gradients: mask them with jf.freeze).")
+    variable_axes = dict(variable_axes or {})
+    split_rngs = dict(split_rngs or {})
+    base = nn.scan(target, variable_axes=variable_axes, variable_broadcast=variable_broadcast,
+                   split_rngs=split_rngs, in_axes=in_axes, out_axes=out_axes, length=length,
+                   reverse=reverse, unroll=unroll, **kwargs)
+    spec = _ScanSpec(target, frozen, variable_axes, variable_broadcast, split_rngs, in_axes,
+                     out_axes, length, reverse, unroll)
+    return _frozen_scan_class(base, spec)
+
+
+def _frozen_scan_class(base: type, spec: _ScanSpec) -> type:
+    class FrozenScan(base):  # type: ignore[valid-type, misc]
+        def __call__(self, carry: Any, *args: Any, **kwargs: Any) -> Any:
+            # init (params being created) is nn.scan's, so the variables are nn.scan's
+            if self.is_mutable_collection("params") or "params" not in self.variables:
+                return super().__call__(carry, *args, **kwargs)
+            return _apply_stack(self, spec, carry, args, kwargs)
+
+    # Same __name__: linen auto-names submodules after their class ("ScanBlock_0").
+    FrozenScan.__name__ = base.__name__
+    FrozenScan.__qualname__ = f"jf.flax.scan({spec.target.__qualname__})"
+    FrozenScan.__module__ = spec.target.__module__
+    return FrozenScan
+
+
+def _apply_stack(mdl: nn.Module, spec: _ScanSpec, carry: Any, args: tuple,
+                 kwargs: dict) -> Any:
+    """``mdl``'s stack run by ``jf.scan``, one layer = ``target.apply`` on a slice."""
+    variables = dict(unfreeze(nn.meta.unbox(mdl.variables)))
+    axes = {col: spec.axis_of(col) for col in variables}
+    stacked = {c: _to_front(v, axes[c]) for c, v in variables.items() if axes[c] is not None}
+    shared = {c: v for c, v in variables.items() if axes[c] is None}
+    named = {c for c in spec.variable_axes if isinstance(c, str)} | set(stacked)
+    mutable = sorted(c for c in named if c != "params" and mdl.is_mutable_collection(c))
+    if any(mdl.is_mutable_collection(c) for c in shared):
+        raise NotImplementedError(
+            f"jf.flax.scan at {_where(mdl)}: a mutable broadcast collection "
+            f"({sorted(shared)}) is not supported at apply.")
+    n = spec.length or _stack_len(stacked["params"])
+    xs_args, shared_args = _split_args(spec.in_axes, args)
+    split_keys, shared_keys = _layer_rngs(mdl, spec, n)
+    layer = spec.target(**_fields(mdl, spec.target), parent=None)
+
+    def body(c: Any, xs: Any) -> Any:
+        layer_vars, layer_args, layer_keys = xs
+        call = [s if a is None else a for a, s in zip(layer_args, shared_args, strict=True)]
+        out = layer.apply({**shared, **layer_vars}, c, *call, rngs={**shared_keys, **layer_keys},
+                          mutable=mutable or False, **kwargs)
+        (c, y), new = out if mutable else (out, {})
+        return c, (y, new)
+
+    mask = _params_mask(mdl, spec.frozen, variables["params"], axes["params"])
+    frozen_xs = ({c: mask if c == "params" else False for c in stacked}, False, False)
+    carry, (ys, new) = scan_stack(body, carry, (stacked, xs_args, split_keys), n,
+                                  frozen=frozen_xs, reverse=spec.reverse, unroll=spec.unroll)
+    for col, tree in dict(new).items():
+        for name, value in dict(tree).items():
+            mdl.put_variable(col, name, _from_front(value, spec.axis_of(col)))
+    return carry, _from_front(ys, spec.out_axes)
+
+
+def _where(mdl: nn.Module) -> str:
+    return f"path {'/'.join(mdl.scope.path)!r}" if mdl.scope is not None else "an unbound module"
+
+
+def _to_front(tree: Any, axis: Any) -> Any:
+    return tree if axis == 0 else jax.tree.map(lambda a: jnp.moveaxis(a, axis, 0), tree)
+
+
+def _from_front(tree: Any, axis: Any) -> Any:
+    if axis is nn.broadcast or not isinstance(axis, int):
+        raise NotImplementedError(f"jf.flax.scan: out_axes={axis!r}; only int axes are supported")
+    return tree if axis == 0 else jax.tree.map(lambda a: jnp.moveaxis(a, 0, axis), tree)
+
+
+def _stack_len(params: Any) -> int:
+    leaves = jax.tree.leaves(params)
+    return int(leaves[0].shape[0])
+
+
+def _split_args(in_axes: Any, args: tuple) -> tuple[tuple, tuple]:
+    """Per argument: scanned (moved to axis 0) or broadcast; ``None`` in the other tuple."""
+    per_arg = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+    if len(per_arg) != len(args):
+        raise ValueError(f"jf.flax.scan: in_axes={in_axes!r} for {len(args)} arguments")
+    scanned, shared = [], []
+    for axis, arg in zip(per_arg, args, strict=True):
+        if axis is nn.broadcast:
+            scanned.append(None)
+            shared.append(arg)
+        elif isinstance(axis, int):
+            scanned.append(_to_front(arg, axis))
+            shared.append(None)
+        else:
+            raise NotImplementedError(
+                f"jf.flax.scan: in_axes entry {axis!r}; an int or nn.broadcast per argument "
+                "is supported.")
+    return tuple(scanned), tuple(shared)
+
+
+def _layer_rngs(mdl: nn.Module, spec: _ScanSpec, n: int) -> tuple[dict, dict]:
+    """A key per layer for the streams ``split_rngs`` splits, one shared key for the others."""
+    names = sorted(getattr(mdl.scope, "rngs", {}) or {})
+    split = {k: jax.random.split(mdl.make_rng(k), n) for k in names if spec.splits(k)}
+    shared = {k: mdl.make_rng(k) for k in names if not spec.splits(k)}
+    return split, shared
+
+
+def _fields(mdl: nn.Module, target: type) -> dict[str, Any]:
+    return {f.name: getattr(mdl, f.name) for f in dataclasses.fields(target)
+            if f.init and f.name not in ("parent", "name")}
+
+
+def _params_mask(mdl: nn.Module, frozen: FrozenSpec, params: Any, axis: Any) -> Any:
+    """``frozen`` on the stacked params, paths prefixed by the module's path; layer axis first."""
+    prefix = "/".join(mdl.scope.path) if mdl.scope is not None else ""
+    sel = as_selector(frozen)
+    mask = sel({prefix: params})[prefix] if prefix else sel(params)
+
+    def front(m: Any, p: Any) -> Any:
+        if isinstance(m, bool) or axis == 0:
+            return m
+        return np.moveaxis(np.broadcast_to(m, np.shape(p)), axis, 0)
+
+    return jax.tree.map(front, mask, params)
+
+
+def nnx_scan(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, stack: Any, *,
+             frozen: FrozenSpec, path: str | None = None, reverse: bool = False,
+             unroll: int | bool = 1) -> tuple[Any, Any]:
+    """:func:`jfreeze.scan` over an NNX stack (built by ``nnx.vmap``), one layer at a time.
+
+    ``f(carry, layer) -> (carry, y)`` gets each layer as an NNX module
+    (``nnx.merge`` of the stack's graph with that layer's slice of its state),
+    as in the body of an ``nnx.scan`` over layers; the frozen layers' state is
+    seen through ``jax.lax.stop_gradient``, so under ``nnx.grad`` their weight
+    gradients are never computed. Updates ``f`` makes to non-``Param`` state
+    (batch statistics, counters) are written back to ``stack``; parameters are
+    read-only inside.
+
+    Args:
+      f: the body, ``(carry, layer) -> (carry, y)``.
+      init: the initial carry.
+      stack: the NNX module whose state is stacked on axis 0 (``nnx.vmap``).
+      frozen, path, reverse, unroll: as in :func:`jfreeze.scan`, ``frozen``
+        evaluated on ``nnx.state(stack)`` (at ``path`` in the model, so the
+        selector given to ``jf.freeze`` on ``nnx.state(model)`` works).
+
+    Returns:
+      ``(carry, ys)``, ``ys`` stacked in layer order.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import jfreeze as jf
+    >>> make = nnx.vmap(lambda key: nnx.Linear(2, 2, rngs=nnx.Rngs(key)))
+    >>> stack = make(jax.random.split(jax.random.key(0), 3))
+    >>> def loss(stack):
+    ...     h, _ = jf.flax.nnx_scan(lambda h, layer: (layer(h), None), jnp.ones(2), stack,
+    ...                             frozen=jf.layers("layers/**", [0]), path="layers")
+    ...     return h.sum()
+    >>> nnx.grad(loss)(stack).bias[...].any(axis=1)
+    Array([False,  True,  True], dtype=bool)
+    """
+    graphdef, state = nnx.split(stack)
+
+    def body(carry: Any, layer_state: Any) -> Any:
+        layer = nnx.merge(graphdef, layer_state)
+        carry, y = f(carry, layer)
+        return carry, (y, nnx.state(layer, nnx.Not(nnx.Param)))
+
+    carry, (ys, updated) = scan_stack(body, init, state, frozen=frozen, path=path,
+                                      reverse=reverse, unroll=unroll)
+    if jax.tree.leaves(updated):
+        nnx.update(stack, updated)
+    return carry, ys
 
 
 # --------------------------------------------------------------------------
