@@ -182,13 +182,13 @@ WholeSlices = tuple[int, np.ndarray]
 
 def cuts(flat: Flat, masks: list[Mask]) -> list[WholeSlices | None]:
     """Per real leaf: its :data:`WholeSlices` if its mask is a slab (``_tree.slab``) and it
-    is a float array (a slice of a NNX Variable or of an int leaf's ``float0``
-    gradient is not taken: those keep ``jnp.where`` zeroing), else ``None``."""
+    is a float array or NNX Variable (an int leaf's ``float0`` gradient keeps
+    ``jnp.where`` zeroing, so init and update decide alike), else ``None``."""
     out: list[WholeSlices | None] = []
-    for (_, x), m in zip(flat.entries, masks, strict=True):
+    for x, m in zip(flat.structs, masks, strict=True):
         s = slab(m)
-        ok = s is not None and isinstance(x, (jax.Array, np.ndarray)) and bool(
-            jnp.issubdtype(x.dtype, jnp.inexact))
+        dtype = getattr(x, "dtype", None)
+        ok = s is not None and dtype is not None and bool(jnp.issubdtype(dtype, jnp.inexact))
         out.append(s if ok else None)
     return out
 
@@ -234,8 +234,12 @@ def check_frozen_slices(state: Any, now: tuple, who: str) -> None:
         )
 
 
-def gather(x: Any, cut: WholeSlices) -> jax.Array:
-    """The trainable slices of ``x``, in order: static slices, one concatenate."""
+def gather(x: Any, cut: WholeSlices) -> Any:
+    """The trainable slices of ``x``, in order: static slices, one concatenate. An
+    NNX Variable (``nnx.Optimizer`` inits on them) stays one, holding them."""
+    if not isinstance(x, (jax.Array, np.ndarray)) and callable(getattr(x, "replace", None)):
+        value = x.get_value() if callable(getattr(x, "get_value", None)) else x.value
+        return x.replace(gather(value, cut))
     axis, frozen = cut
     parts = [jax.lax.slice_in_dim(x, a, b, axis=axis) for a, b, v in runs(frozen) if not v]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis)

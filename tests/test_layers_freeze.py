@@ -360,3 +360,22 @@ def test_thawed_value_and_grad_by_layers_equals_masked_jax_grad():
         _, g = grad(count, GRADUAL)
         want = np.where(np.arange(12)[:, None] >= thawed, full, 0.0)
         np.testing.assert_allclose(g["layers"]["w"], want, rtol=1e-6)
+
+
+def test_nnx_optimizer_with_frozen_layers():
+    # nnx.Optimizer inits on Variables and updates with arrays: both are cut alike.
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Stack(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.arange(12.0).reshape(4, 3))
+
+    model, w0 = Stack(), np.arange(12.0, dtype=np.float32).reshape(4, 3)
+    opt = nnx.Optimizer(model, jf.freeze(optax.adam(0.1), frozen=jf.layers("w", [0, 1])),
+                        wrt=nnx.Param)
+    for _ in range(2):
+        opt.update(model, nnx.grad(lambda m: (m.w[...] ** 2).sum())(model))
+    w = np.asarray(model.w[...])
+    np.testing.assert_array_equal(bits(w[:2]), bits(w0[:2]))
+    assert (w[2:] < w0[2:]).all()
+    assert [np.shape(x) for x in jax.tree.leaves(opt.opt_state) if np.ndim(x) == 2] == [(2, 3)] * 2
