@@ -47,6 +47,7 @@ __all__ = [
 _PATCH_LOCK = threading.Lock()
 _SCAN_LOCK = threading.Lock()
 _SCOPE = "jfreeze_check_seen"  # the name scope around each differentiation the hook saw
+_UNSPLIT = "jfreeze_check_unsplit"  # scans_split's cuts of values that are not stacks
 
 
 def autodiff_internals() -> tuple[Any, Any] | None:
@@ -228,7 +229,12 @@ def scans_split(
         pieces = list(itertools.pairwise(cuts))
         carry, ys = a["init"], {}
         for start, stop in reversed(pieces) if a["reverse"] else pieces:
-            part = [jax.lax.slice_in_dim(x, start, stop) for x in leaves]
+            # a leaf that is not a registered stack (e.g. one moved or cast first) is
+            # cut too; loops_reached sees through those cuts (it was not split by layers)
+            with jax.named_scope(_UNSPLIT):
+                part = [jax.lax.slice_in_dim(x, start, stop) for x in leaves]
+            for j in hits:
+                part[j] = jax.lax.slice_in_dim(leaves[j], start, stop)
             for j, (path, sel) in hits.items():
                 split[path] = sel
                 part[j] = jax.lax.stop_gradient(part[j]) if sel[start] else part[j]
@@ -253,13 +259,15 @@ _SLICING = frozenset({"slice", "dynamic_slice", "gather", "split"})  # take laye
 def loops_reached(jaxpr: Any, watched: dict[Any, set[str]]) -> set[str]:
     """The names ``watched[var]`` of input variables of ``jaxpr`` whose whole value
     (or anything computed from it, short of slicing it) reaches an operand of a
-    loop (``scan``, ``while``), nested jaxprs included."""
+    loop (``scan``, ``while``), nested jaxprs included. The cuts :func:`scans_split`
+    makes of values that are not registered stacks do not count as slicing."""
     found: set[str] = set()
     names = dict(watched)
     for eqn in jaxpr.eqns:
         ins = [v for v in eqn.invars if not isinstance(v, jex.core.Literal)]
         came = set().union(*(names.get(v, set()) for v in ins))
-        if not came or eqn.primitive.name in _SLICING:
+        if not came or (eqn.primitive.name in _SLICING and not any(
+                getattr(e, "name", None) == _UNSPLIT for e in eqn.source_info.name_stack.stack)):
             continue
         if eqn.primitive.name in _LOOPS:
             found |= came

@@ -338,8 +338,13 @@ class _Reference:
         self.paths = [p for p, _ in flat.entries]
         self.frozen_index = {i for i, m in enumerate(masks) if m is True}
         self.element_index = {i for i, m in enumerate(masks) if m is not True and m is not False}
-        # stacks frozen by whole layers along axis 0, the axis a scan runs over
+        # Leaves frozen by whole slices: along axis 0 (the axis a scan runs over) a
+        # stack a scan can be split over; along another axis of a 3-D or larger leaf,
+        # a stack kept on that axis (MaxText's axis 1), scanned after moving it. (A
+        # matrix's frozen columns are not a stack: their gradient is needed anyway.)
         layers = {i: slab(masks[i]) for i in self.element_index}
+        self.layered = {i for i, s in layers.items() if s is not None
+                        and (s[0] == 0 or len(flat.structs[i].shape) >= 3)}
         self.stacks = {i: s[1] for i, s in layers.items() if s is not None and s[0] == 0}
         self.split_stacks = split_stacks
         self.split: dict[str, np.ndarray] = {}
@@ -369,7 +374,7 @@ class _Reference:
             any(id(x) in seen.primals for x in arrays[i]) for i in self.element_index
         )
         self.stacks_differentiated = {
-            i for i in self.stacks if any(id(x) in seen.primals for x in arrays[i])}
+            i for i in self.layered if any(id(x) in seen.primals for x in arrays[i])}
         self.offsets = np.cumsum([0] + [len(xs) for xs in arrays]).tolist()
         return out
 
@@ -386,7 +391,8 @@ class _Reference:
             f"the stacked leaves {', '.join(map(repr, missed))} (frozen by whole layers) "
             "reach a loop that the check could not split into runs of frozen and trainable "
             "layers (a scan not called as jax.lax.scan, e.g. lax.map, fori_loop or a name "
-            "imported from jax.lax; or the stack transformed first), so the weight "
+            "imported from jax.lax; or the stack transformed first, e.g. its layer axis "
+            "moved to axis 0 or cast), so the weight "
             "gradients of their frozen layers cannot be measured; run the stack with "
             "jf.scan(f, init, xs, frozen=..., path=...)"
         ] if missed else [])

@@ -239,3 +239,25 @@ def test_linen_nn_scan_over_the_whole_stack_is_reported():
     if hasattr(jf.flax, "scan"):  # the fix, once it is there: same parameter tree
         fixed = check(lambda target, **kw: jf.flax.scan(target, frozen=frozen, **kw))
         assert fixed.ok is True, fixed
+
+
+def test_a_stack_on_axis_1_moved_to_axis_0_and_scanned_is_not_verified():
+    # MaxText keeps its stack on axis 1: scanning it means moving the axis first, which
+    # the check cannot split (it would say ok=True blind otherwise).
+    def scan(stack, h):
+        moved = {"w": jnp.moveaxis(stack["w"], 1, 0), "b": stack["b"]}
+        return jax.lax.scan(_layer, h, moved)
+
+    frozen = jf.layers("layers/w", [0, 1], axis=1) | jf.layers("layers/b", [0, 1])
+    tx = jf.freeze(optax.adam(1e-3), frozen=frozen)
+    params = _params()
+    params["layers"]["w"] = jnp.moveaxis(params["layers"]["w"], 0, 1)
+
+    def step(p, s):
+        g = jax.grad(lambda p: scan(p["layers"], X)[0].mean())(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    report = jf.check_frozen_compute(step, params, tx.init(params), frozen=frozen)
+    assert report.ok is not True, report
+    assert "'layers/w'" in report.message and "could not split" in report.message
