@@ -200,7 +200,8 @@ def layout(flat: Flat, cut: list[WholeSlices | None]) -> tuple:
 
 
 def _indices(frozen: tuple) -> str:
-    return "frozen slices [" + ", ".join(str(i) for i, b in enumerate(frozen) if b) + "]"
+    return ("frozen slices [" + ", ".join(str(i) for i, b in enumerate(frozen) if b)
+            + f"] of {len(frozen)}")
 
 
 def layout_change(before: tuple, now: tuple) -> str | None:

@@ -286,9 +286,11 @@ def test_lbfgs_with_frozen_layers_equals_lbfgs_on_the_trainable_layers(mode):
 
 
 @pytest.mark.parametrize("update_with, match", [
-    ([1], r"'layers/w' \(axis 0, frozen slices \[0\] at init, axis 0, frozen slices \[1\] now\)"),
-    ([0, 1], r"'layers/w' \(axis 0, frozen slices \[0\] at init, axis 0, frozen slices \[0, 1\]"),
-    (None, r"'layers/w' \(axis 0, frozen slices \[0\] at init, no slices now\)"),
+    ([1], r"'layers/w' \(axis 0, frozen slices \[0\] of 3 at init, axis 0, frozen slices "
+          r"\[1\] of 3 now\)"),
+    ([0, 1], r"'layers/w' \(axis 0, frozen slices \[0\] of 3 at init, axis 0, frozen slices "
+             r"\[0, 1\] of 3"),
+    (None, r"'layers/w' \(axis 0, frozen slices \[0\] of 3 at init, no slices now\)"),
 ])
 @pytest.mark.parametrize("who", ["jf.freeze", "jf.gradual_unfreeze"])
 def test_another_selection_of_frozen_layers_at_update_names_the_path(update_with, match, who):
