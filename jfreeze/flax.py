@@ -304,11 +304,12 @@ def scan(target: type, *, frozen: FrozenSpec, variable_axes: Any = None,
     Args:
       target: the linen module class of one layer; its ``__call__(carry, *xs)``
         returns ``(carry, y)``, as for ``nn.scan``.
-      frozen: what is frozen, as in ``jf.freeze``, evaluated on the stacked
-        ``params`` with the module's own path in front, so the selector given to
-        ``jf.freeze(..., frozen=...)`` on ``variables["params"]`` works as is:
-        ``jf.layers("decoder/layers/**", range(8))`` (``axis=1`` for a stack
-        kept on axis 1, ``variable_axes={"params": 1}``).
+      frozen: what is frozen, as in ``jf.freeze``: evaluated on the whole
+        ``params`` tree the module sees (the model's), as ``jf.freeze`` evaluates
+        it, so the selector given to ``jf.freeze(..., frozen=...)`` works as is,
+        strict patterns for other parts of the model included:
+        ``jf.paths("embed/**") | jf.layers("decoder/layers/**", range(8))``
+        (``axis=1`` for a stack kept on axis 1, ``variable_axes={"params": 1}``).
       variable_axes, variable_broadcast, split_rngs, in_axes, out_axes, length,
         reverse, unroll, **kwargs: as for ``nn.scan``. At ``apply``, int axes
         and ``nn.broadcast`` inputs are supported; collections stacked in
@@ -462,10 +463,20 @@ def _fields(mdl: nn.Module, target: type) -> dict[str, Any]:
 
 
 def _params_mask(mdl: nn.Module, frozen: FrozenSpec, params: Any, axis: Any) -> Any:
-    """``frozen`` on the stacked params, paths prefixed by the module's path; layer axis first."""
-    prefix = "/".join(mdl.scope.path) if mdl.scope is not None else ""
-    sel = as_selector(frozen)
-    mask = sel({prefix: params})[prefix] if prefix else sel(params)
+    """``frozen`` on the stacked params, layer axis first.
+
+    Evaluated as ``jf.freeze`` evaluates it, on all the params the module can
+    see (the whole model, or what a lifted transform around it holds), so a
+    strict pattern for another part of the model is no error here.
+    """
+    scope = mdl.scope
+    if scope is None:  # never: the drop-in runs inside a bound module's method
+        raise TypeError("jf.flax.scan: the module is not bound")
+    mask = _mask_from_root(scope.root, scope.path, frozen)
+    if mask is None:  # the stack's own params, paths prefixed by the module's path
+        prefix = "/".join(scope.path)
+        sel = as_selector(frozen)
+        mask = sel({prefix: params})[prefix] if prefix else sel(params)
 
     def front(m: Any, p: Any) -> Any:
         if isinstance(m, bool) or axis == 0:
@@ -473,6 +484,19 @@ def _params_mask(mdl: nn.Module, frozen: FrozenSpec, params: Any, axis: Any) -> 
         return np.moveaxis(np.broadcast_to(m, np.shape(p)), axis, 0)
 
     return jax.tree.map(front, mask, params)
+
+
+def _mask_from_root(root: Any, path: tuple, frozen: FrozenSpec) -> Any:
+    """The mask of the subtree at ``path`` of the root scope's params; None if not there."""
+    visible = unfreeze(nn.meta.unbox(root.variables().get("params", {})))
+    prefix = "/".join(root.path)
+    sel = as_selector(frozen)
+    mask = sel({prefix: visible})[prefix] if prefix else sel(visible)
+    for key in path[len(root.path):]:
+        if not isinstance(mask, dict) or key not in mask:
+            return None
+        mask = mask[key]
+    return mask
 
 
 def nnx_scan(f: Callable[[Any, Any], tuple[Any, Any]], init: Any, stack: Any, *,

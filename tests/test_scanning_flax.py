@@ -228,6 +228,24 @@ def test_one_training_step_keeps_frozen_layers_bits():
                               params["layers"]["Dense_0"]["kernel"][2:])
 
 
+def test_the_selector_of_jf_freeze_with_patterns_for_other_parts_works():
+    frozen = jf.paths("embed/**") | jf.layers("layers/**", [0, 1])
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(D, name="embed")(x)
+            stack = jf.flax.scan(LNDense, frozen=frozen, variable_axes={"params": 0},
+                                 split_rngs={"params": True}, length=N)
+            return stack(name="layers")(x, None)[0].sum()
+
+    x = _x()
+    params = Net().init(jax.random.key(0), x)["params"]
+    g = jax.grad(lambda p: Net().apply({"params": p}, x))(params)
+    for leaf in jax.tree.leaves(g["layers"]):
+        assert not leaf[:2].any() and leaf[2:].any()
+
+
 def test_linen_errors():
     with pytest.raises(TypeError, match="linen Module class"):
         jf.flax.scan(lambda c, x: (c, x), frozen=jf.nothing)
