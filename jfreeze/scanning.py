@@ -54,9 +54,11 @@ def scan(
         tree, a mask function), evaluated on ``xs``.
       path: where ``xs`` sits in the full parameter tree (``"decoder/layers"``):
         ``frozen`` is evaluated on ``{path: xs}``, so the selector given to
-        ``jf.freeze`` on the full params works as is. Each strict pattern in
-        ``frozen`` must match a leaf of ``xs`` (a pattern for another part of
-        the model needs ``strict=False`` here).
+        ``jf.freeze`` on the full params works as is (a mask tree is then a
+        prefix of ``{path: xs}``). Each strict pattern in ``frozen`` must match
+        a leaf of ``xs``; for a selector with patterns for other parts of the
+        model, pass its mask of the stack, ``frozen=sel(params)["decoder"]["layers"]``,
+        without ``path``.
 
     Returns:
       ``(carry, ys)`` as ``jax.lax.scan``, ``ys`` stacked in layer order.
@@ -87,7 +89,7 @@ def scan(
             "layers to freeze. Pass the stacked parameters as xs (the frozen layers are "
             "their slices along axis 0), or frozen=jf.nothing."
         )
-    flat, masks = as_selector(frozen).masks(tree)
+    flat, masks = _evaluate(frozen, tree, path)
     n = _stack_length(flat, length)
     plans = [_LeafPlan.of(m, n, x.shape) for m, x in zip(masks, flat.structs, strict=True)]
     cuts = sorted({start for p in plans for start, _, _ in runs(p.whole)} | {n})
@@ -104,6 +106,20 @@ def scan(
     if len(parts) == 1:
         return carry, parts[0]
     return carry, jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+
+
+def _evaluate(frozen: FrozenSpec, tree: Any, path: str | None) -> tuple[Flat, list[Mask]]:
+    try:
+        return as_selector(frozen).masks(tree)
+    except ValueError as e:
+        if not path or "matches no leaf" not in str(e):
+            raise
+        # a selector written for the whole model: say how to give it to the stack
+        raise ValueError(
+            f"{e} jf.scan sees only the stack at path {path!r}. For a selector with "
+            "patterns for other parts of the model, pass its mask of the stack instead, "
+            "without path=: frozen=sel(params)[...] (the stack's subtree)."
+        ) from None
 
 
 def _at(path: str | None) -> str:

@@ -154,6 +154,16 @@ def test_ys_none_extra_xs_and_length():
     assert int(c) == 4 and ys.tolist() == [0, 1, 2, 3]
 
 
+def test_a_whole_model_selector_as_its_mask_of_the_stack():
+    model = {"embed": jnp.ones((D, D)), "layers": _stack(4)}
+    sel = jf.paths("embed") | jf.layers("layers/**", [0, 1])
+    x = _x()
+    g1 = jax.grad(_loss(jf.scan, sel(model)["layers"], path=None))(model["layers"], x)
+    g2 = jax.grad(_loss(_masked_scan, jf.layers("**", [0, 1]), path=None))(model["layers"], x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
+    assert not g1["w"][:2].any() and g1["w"][2:].any()
+
+
 def test_nothing_frozen_is_the_plain_scan_program():
     params, x = _stack(4), _x()
     a = jax.jit(_loss(jf.scan, jf.nothing)).lower(params, x).as_text()
@@ -263,7 +273,7 @@ def test_unrolled_flops_by_cost_analysis():
 
 def test_errors_name_the_path():
     params, x = _stack(4), _x()
-    with pytest.raises(ValueError, match="layrs"):
+    with pytest.raises(ValueError, match=r"layrs.*mask of the stack"):
         jf.scan(_layer, x, params, frozen=jf.layers("layrs/**", [0]), path="layers")
     with pytest.raises(ValueError, match=r"xs=None.*'dec/layers'"):
         jf.scan(lambda c, _: (c, None), x, None, 3, frozen=jf.layers("dec/layers/**", [0]),
