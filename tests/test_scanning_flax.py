@@ -122,6 +122,39 @@ def test_intermediates_are_stacked_as_nn_scan_stacks_them():
     _close(mine, theirs)
 
 
+class _Remat(nn.Module):
+    @nn.compact
+    def __call__(self, h, x):
+        return jnp.tanh(nn.Dense(D)(h) + x), None
+
+
+def test_remat_target_scanned_inputs_no_length_and_a_vmapped_population():
+    def net(scan, **kw):
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x, xs):
+                stack = scan(nn.remat(_Remat), variable_axes={"params": 0},
+                             split_rngs={"params": True}, **kw)
+                return stack(name="layers")(x, xs)[0].sum()
+        return Net()
+
+    x, xs = _x((2, D)), _x((N, 2, D))
+    ref, drop = net(nn.scan), net(jf.flax.scan, frozen=jf.layers("layers/**", [0, 1]))
+    variables = ref.init(jax.random.key(0), x, xs)
+    np.testing.assert_allclose(drop.apply(variables, x, xs), ref.apply(variables, x, xs),
+                               rtol=1e-6)
+    g = jax.grad(lambda p: drop.apply({"params": p}, x, xs))(variables["params"])
+    assert not g["layers"]["Dense_0"]["kernel"][:2].any()
+    # frozen models as data (situation 1): a population vmapped, gradients to the input
+    frozen_net = net(jf.flax.scan, frozen=jf.layers("layers/**", range(N)))
+    population = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), variables["params"])
+    probe = jax.vmap(lambda p, x: frozen_net.apply({"params": p}, x, xs), in_axes=(0, None))
+    gx = jax.grad(lambda x: probe(population, x).sum())(x)
+    ref_gx = sum(jax.grad(lambda x, i=i: ref.apply(
+        {"params": jax.tree.map(lambda a, i=i: a[i], population)}, x, xs))(x) for i in range(2))
+    np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-5)
+
+
 class _Dense(nn.Module):
     @nn.compact
     def __call__(self, h, _):
