@@ -57,10 +57,6 @@ def setups(layers: int) -> dict[str, range]:
     return {"bottom": range(0, 2 * layers // 3), "middle": range(layers // 3, 2 * layers // 3)}
 
 
-def has_jf_scan() -> bool:
-    return hasattr(jf, "scan")
-
-
 @dataclasses.dataclass
 class Variant:
     name: str
@@ -111,24 +107,23 @@ def run_setup(s: sm.ScanSizes, setup: str, *, dtype, variants, full: Variant | N
     params = sm.init_params(key, s)
     x, y = sm.batch(jax.random.fold_in(key, 1), s)
     sel = jf.layers("layers/**", list(frozen))
-    trainable_bytes = measure.tree_bytes(params) - sum(
-        int(np.sum(m)) * 4 for m in jax.tree.leaves(sel(params)))
     total_bytes = measure.tree_bytes(params)
+    trainable_bytes = total_bytes - sum(  # a mask is a bool per leaf, or per element of a stack
+        int(np.sum(np.broadcast_to(m, x.shape))) * x.dtype.itemsize
+        for m, x in zip(jax.tree.leaves(sel(params)), jax.tree.leaves(params), strict=True))
     ideal = sm.ideal_matmul_flops(s, frozen) / 1e9
     ideal_full = sm.ideal_matmul_flops(s) / 1e9
 
     vs: dict[str, Variant] = {}
     rows: dict[str, dict] = {}
     for name in variants:
-        row = {"variant": name, "setup": setup, "frozen_layers": f"{frozen[0]}-{frozen[-1]}",
+        row = {"variant": name, "setup": setup,
+               "frozen_layers": "none" if name == "full" else f"{frozen[0]}-{frozen[-1]}",
                **dataclasses.asdict(s), "dtype": jnp.dtype(dtype).name,
                "ideal_gflops": ideal, "ideal_full_finetune_gflops": ideal_full,
                "trainable_bytes": total_bytes if name == "full" else trainable_bytes,
                "params_bytes": total_bytes}
         rows[name] = row
-        if name == "jf_scan" and not has_jf_scan():
-            row["note"] = "pending: jf.scan has not landed"
-            continue
         v = full if name == "full" and full is not None else make_variant(
             name, params, s, frozen, dtype)
         if v.stats is None:
@@ -142,8 +137,7 @@ def run_setup(s: sm.ScanSizes, setup: str, *, dtype, variants, full: Variant | N
         # Adam: mu and nu of each trainable parameter, plus an int32 step counter.
         row["adam_expected_bytes"] = 2 * row["trainable_bytes"] + 4
         row["state_vs_trainable"] = (row["opt_state_bytes"] - 4) / (2 * row["trainable_bytes"])
-        p0 = v.state[0]
-        before = jax.tree.map(np.asarray, p0)  # the state is donated: keep a host copy
+        before = jax.tree.map(np.asarray, v.state[0])  # the state is donated: a host copy
         row["loss0"] = float(v(x, y))
         if name != "full":  # the frozen layers keep every bit
             try:
@@ -214,8 +208,7 @@ def main(argv=None) -> list[dict]:
               f"{r0['ideal_gflops']:.3f} GFLOPs, full fine-tuning "
               f"{r0['ideal_full_finetune_gflops']:.3f}")
         cols = COLUMNS + ([("mfu", "MFU", ".1%")] if measure.peak_tflops(args.peak_tflops)
-                          else []) + ([("note", "note", "")] if any("note" in r for r in rows)
-                                      else [])
+                          else [])
         print(measure.format_table(rows, cols))
         print()
         all_rows += rows
