@@ -225,10 +225,11 @@ def scans_split(
         if threading.get_ident() != owner or not hits:
             return original(*args, **kwargs)
         n = int(np.shape(leaves[0])[0])
+        rest = {k: v for k, v in a.items() if k not in ("f", "init", "xs", "length")}
         cuts = sorted({0, n} | {start for _, sel in hits.values() for start, _, _ in runs(sel)})
         pieces = list(itertools.pairwise(cuts))
         carry, ys = a["init"], {}
-        for start, stop in reversed(pieces) if a["reverse"] else pieces:
+        for start, stop in reversed(pieces) if rest.get("reverse") else pieces:
             # a leaf that is not a registered stack (e.g. one moved or cast first) is
             # cut too; loops_reached sees through those cuts (it was not split by layers)
             with jax.named_scope(_UNSPLIT):
@@ -238,9 +239,8 @@ def scans_split(
             for j, (path, sel) in hits.items():
                 split[path] = sel
                 part[j] = jax.lax.stop_gradient(part[j]) if sel[start] else part[j]
-            carry, ys[start] = original(
-                a["f"], carry, treedef.unflatten(part), stop - start, reverse=a["reverse"],
-                unroll=a["unroll"], _split_transpose=a["_split_transpose"])
+            carry, ys[start] = original(a["f"], carry, treedef.unflatten(part), stop - start,
+                                        **rest)
         parts = [ys[start] for start, _ in pieces]
         return carry, jax.tree.map(lambda *p: jax.numpy.concatenate(p), *parts)
 
