@@ -275,7 +275,8 @@ def _instr_flops(i: Instr, shapes: dict[str, str], total) -> tuple[float, int]:
     if i.op in _REDUCING or i.op in ("map", "scatter", "reduce-window"):
         per = sum(total(c)[0] for c in i.callees("to_apply"))
         return per * _applications(i, shapes), 0
-    called = i.callees("calls")  # fusion, call, async wrappers
+    # fusions and async wrappers name their computation calls=, a call to_apply=
+    called = i.callees("calls") + (i.callees("to_apply") if i.op == "call" else [])
     if called:
         parts = [total(c) for c in called]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)

@@ -159,3 +159,50 @@ def test_the_parser_counts_loop_free_programs_as_xla_does(name):
     fn, args = LOOP_FREE[name]
     text = jax.jit(fn).lower(*args).compile().as_text()
     assert _hlo.count(text).once_flops == _xla(fn, *args)
+
+
+_TEXT = """HloModule m
+
+%gemm (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[8,2]{1,0} parameter(1)
+  %g = (f32[4,2]{1,0}, s8[0]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", \
+backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":\
+["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  ROOT %r = f32[4,2]{1,0} get-tuple-element(%g), index=0
+}
+
+%body (t: (f32[4,8], f32[8,2])) -> (f32[4,8], f32[8,2]) {
+  %t = (f32[4,8]{1,0}, f32[8,2]{1,0}) parameter(0)
+  %x = f32[4,8]{1,0} get-tuple-element(%t), index=0
+  %y = f32[8,2]{1,0} get-tuple-element(%t), index=1
+  %c = f32[4,2]{1,0} call(%x, %y), to_apply=%gemm
+  %n = f32[4,8]{1,0} negate(%x)
+  ROOT %o = (f32[4,8]{1,0}, f32[8,2]{1,0}) tuple(%n, %y)
+}
+
+%cond (t: (f32[4,8], f32[8,2])) -> pred[] {
+  %t = (f32[4,8]{1,0}, f32[8,2]{1,0}) parameter(0)
+  ROOT %p = pred[] constant(true)
+}
+
+ENTRY %main (x: f32[4,8], y: f32[8,2]) -> (f32[4,8], f32[8,2]) {
+  %x = f32[4,8]{1,0} parameter(0)
+  %y = f32[8,2]{1,0} parameter(1)
+  %t = (f32[4,8]{1,0}, f32[8,2]{1,0}) tuple(%x, %y)
+  ROOT %w = (f32[4,8]{1,0}, f32[8,2]{1,0}) while(%t), condition=%cond, body=%body, \
+backend_config={"known_trip_count":{"n":"3"}}
+}
+"""
+
+
+def test_the_parser_reads_calls_gemm_custom_calls_and_trip_counts():
+    # What GPU programs hold (cuBLAS GEMMs as custom calls) and a call by to_apply=.
+    counted = _hlo.count(_TEXT)
+    per_iteration = 2 * 4 * 8 * 2 + 4 * 8  # the GEMM, the negate
+    assert counted.matmul_flops == 3 * 2 * 4 * 8 * 2
+    assert counted.once_flops == per_iteration
+    assert counted.extra_flops == 2 * per_iteration
+    assert counted.unknown_trips == ()
+    no_trip = _hlo.count(_TEXT.replace(', backend_config={"known_trip_count":{"n":"3"}}', ""))
+    assert no_trip.extra_flops == 0 and no_trip.unknown_trips == ("w",)
