@@ -332,6 +332,10 @@ def freeze(inner: Any, *, frozen: FrozenSpec) -> optax.GradientTransformationExt
     >>> new = jf.apply_updates(params, updates, frozen=frozen)
     >>> new["backbone"] is params["backbone"], bool((new["head"] < 1).all())
     (True, True)
+    >>> stack = {"layers": jnp.ones((4, 3))}              # frozen layers: no state
+    >>> tx = jf.freeze(optax.adam(0.1), frozen=jf.layers("layers", [0, 1]))
+    >>> jf.inner_state(tx.init(stack))[0].mu["layers"].shape
+    (2, 3)
     """
     sel = as_selector(frozen)
     inner = as_transform(inner)
