@@ -261,3 +261,23 @@ def test_a_stack_on_axis_1_moved_to_axis_0_and_scanned_is_not_verified():
     report = jf.check_frozen_compute(step, params, tx.init(params), frozen=frozen)
     assert report.ok is not True, report
     assert "'layers/w'" in report.message and "could not split" in report.message
+
+
+def test_a_masked_stack_and_a_logged_norm_are_both_reported():
+    frozen = jf.layers("layers/**", [0, 1, 2, 3]) | jf.paths("emb")
+    tx = jf.freeze(optax.adam(1e-3), frozen=frozen)
+
+    def step(p, s):
+        # emb, frozen whole, needs its weight gradient only for the logged norm
+        h = lambda p: _masked(p["layers"], jnp.tanh(X @ p["emb"]))[0]
+        g = jax.grad(lambda p: (h(p) @ p["head"]).mean())(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, optax.tree.norm(g)
+
+    params = _params()
+    report = jf.check_frozen_compute(step, params, tx.init(params), frozen=frozen)
+    assert report.ok is False, report
+    assert report.frozen_layers and report.frozen_layer_flops > 0
+    assert report.frozen_layer_flops < report.flops - report.ideal_flops
+    assert report.leaking_outputs == ("2",)
+    assert "jf.scan(" in report.message and "optax.tree.norm" in report.message
