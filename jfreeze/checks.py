@@ -573,7 +573,8 @@ def _message(
     scalar = [g for g, shapes in leaking.items() if all(x.ndim == 0 for x in shapes)]
     arrays = [g for g in leaking if g not in scalar]
     if leaking:
-        used = f" They are used by the output(s) {', '.join(map(repr, leaking))}."
+        they = "Besides, other frozen weight gradients are" if f.layers else "They are"
+        used = f" {they} used by the output(s) {', '.join(map(repr, leaking))}."
         causes = ([_LOGGING] if scalar else []) + (
             ["returning the raw gradients", _OPTIMIZER] if arrays else []
         )
