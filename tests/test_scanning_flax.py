@@ -77,10 +77,11 @@ def _matmul_flops(fn, *args):
 # linen: jf.flax.scan.
 
 
-@pytest.mark.parametrize("axis", [0, 1])
-def test_same_parameters_outputs_and_masked_gradients_as_nn_scan(axis):
+@pytest.mark.parametrize("axis, block", [(0, Block), (1, LNDense)])  # MaxText: axis 1
+def test_same_parameters_outputs_and_masked_gradients_as_nn_scan(axis, block):
     frozen = jf.layers("layers/**", [0, 1], axis=axis)
-    ref, drop = _net(nn.scan, axis=axis), _net(jf.flax.scan, axis=axis, frozen=frozen)
+    ref = _net(nn.scan, block=block, axis=axis)
+    drop = _net(jf.flax.scan, block=block, axis=axis, frozen=frozen)
     x = _x()
     variables = ref.init(jax.random.key(0), x)
     # init is nn.scan's: the same tree, bit for bit
