@@ -217,12 +217,14 @@ def scans_split(
     signature = inspect.signature(original)
 
     def scan(*args, **kwargs):
+        if threading.get_ident() != owner:
+            return original(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         a = dict(bound.arguments)
         leaves, treedef = jax.tree_util.tree_flatten(a["xs"])
         hits = {j: stacks[id(x)] for j, x in enumerate(leaves) if id(x) in stacks}
-        if threading.get_ident() != owner or not hits:
+        if not hits:
             return original(*args, **kwargs)
         n = int(np.shape(leaves[0])[0])
         rest = {k: v for k, v in a.items() if k not in ("f", "init", "xs", "length")}
@@ -230,15 +232,18 @@ def scans_split(
         pieces = list(itertools.pairwise(cuts))
         carry, ys = a["init"], {}
         for start, stop in reversed(pieces) if rest.get("reverse") else pieces:
-            # a leaf that is not a registered stack (e.g. one moved or cast first) is
-            # cut too; loops_reached sees through those cuts (it was not split by layers)
-            with jax.named_scope(_UNSPLIT):
-                part = [jax.lax.slice_in_dim(x, start, stop) for x in leaves]
-            for j in hits:
-                part[j] = jax.lax.slice_in_dim(leaves[j], start, stop)
-            for j, (path, sel) in hits.items():
-                split[path] = sel
-                part[j] = jax.lax.stop_gradient(part[j]) if sel[start] else part[j]
+            part = []
+            for j, x in enumerate(leaves):
+                if j in hits:
+                    path, sel = hits[j]
+                    split[path] = sel
+                    cut = jax.lax.slice_in_dim(x, start, stop)
+                    part.append(jax.lax.stop_gradient(cut) if sel[start] else cut)
+                    continue
+                # a leaf that is not a registered stack (e.g. one moved or cast first) is
+                # cut too; loops_reached sees through this cut (not a split by layers)
+                with jax.named_scope(_UNSPLIT):
+                    part.append(jax.lax.slice_in_dim(x, start, stop))
             carry, ys[start] = original(a["f"], carry, treedef.unflatten(part), stop - start,
                                         **rest)
         parts = [ys[start] for start, _ in pieces]
