@@ -109,8 +109,9 @@ def scan(
 
 
 def _evaluate(frozen: FrozenSpec, tree: Any, path: str | None) -> tuple[Flat, list[Mask]]:
+    sel = as_selector(frozen)
     try:
-        return as_selector(frozen).masks(tree)
+        flat, masks = sel.masks(tree)
     except ValueError as e:
         if not path or "matches no leaf" not in str(e):
             raise
@@ -120,6 +121,30 @@ def _evaluate(frozen: FrozenSpec, tree: Any, path: str | None) -> tuple[Flat, li
             "patterns for other parts of the model, pass its mask of the stack instead, "
             "without path=: frozen=sel(params)[...] (the stack's subtree)."
         ) from None
+    _check_layer_axes(sel, flat)
+    return flat, masks
+
+
+def _layer_selections(sel: Any) -> Any:
+    """The ``jf.layers`` parts of a selector (duck-typed: a glob, an index and an axis)."""
+    if all(hasattr(sel, a) for a in ("glob", "index", "axis")):
+        yield sel
+    for part in getattr(sel, "parts", ()):
+        yield from _layer_selections(part)
+
+
+def _check_layer_axes(sel: Any, flat: Flat) -> None:
+    """A ``jf.layers`` on another axis than the scanned one would freeze other slices."""
+    for part in _layer_selections(sel):
+        for p, x in zip(flat.paths, flat.structs, strict=True):
+            ndim = len(getattr(x, "shape", ()))
+            if ndim and part.axis % ndim != 0 and part.leaf_mask(p, x) is not False:
+                raise ValueError(
+                    f"jf.scan: {part!r} selects layers on axis {part.axis} of the leaf at "
+                    f"path {p!r} (shape {tuple(x.shape)}), but jf.scan runs the layers on "
+                    "axis 0. Move the stack's layer axis to 0 (jnp.moveaxis) and select "
+                    "with axis=0; jf.flax.scan does this for variable_axes={'params': 1}."
+                )
 
 
 def _at(path: str | None) -> str:

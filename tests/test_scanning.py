@@ -287,5 +287,7 @@ def test_errors_name_the_path():
         jf.scan(_layer, x, params, 5, frozen=jf.nothing, path="layers")
     with pytest.raises(ValueError, match=r"'layers/w'.*scalar"):
         jf.scan(_layer, x, {"w": jnp.ones(())}, frozen=jf.nothing, path="layers")
+    with pytest.raises(ValueError, match=r"axis 1 of the leaf at path 'layers/w'"):
+        jf.scan(_layer, x, params, frozen=jf.layers("layers/w", [0], axis=1), path="layers")
     with pytest.raises(ValueError, match=r"'layers/b'.*7"):  # layer index beyond the stack
         jf.scan(_layer, x, params, frozen=jf.layers("layers/**", [7]), path="layers")
