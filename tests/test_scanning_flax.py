@@ -340,6 +340,24 @@ def test_nnx_stack_in_nnx_grad():
     np.testing.assert_allclose(model(x, frozen), _nnx_reference(model, x, frozen), rtol=1e-5)
 
 
+def test_nnx_training_step_with_jf_freeze_keeps_frozen_layers_bits():
+    frozen = jf.layers("layers/**", [0, 1])
+    model = NNXNet(nnx.Rngs(0))
+    before = jax.tree.map(lambda a: a.copy(), nnx.state(model, nnx.Param))
+    opt = nnx.Optimizer(model, jf.freeze(optax.adam(1e-2), frozen=frozen), wrt=nnx.Param)
+    x = _x((2, D))
+
+    @nnx.jit
+    def step(model, opt):
+        opt.update(model, nnx.grad(lambda m: m(x, frozen))(model))
+
+    step(model, opt)
+    after = nnx.state(model, nnx.Param)
+    jf.assert_frozen(before, after, frozen=frozen)
+    kernel = after["layers"]["lin"]["kernel"][...]
+    assert not np.array_equal(kernel[2:], before["layers"]["lin"]["kernel"][...][2:])
+
+
 def test_nnx_flops_frozen_prefix_has_no_backward():
     model = NNXNet(nnx.Rngs(0))
     x = _x((8, D))
