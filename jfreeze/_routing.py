@@ -1,11 +1,14 @@
 """Private: what the transforms share (``freeze``, ``partition``, ``gradual_unfreeze``,
 ``scale_by_label``): duck-typed inner transforms, ``-0.0`` updates, routing whole
-leaves by label with ``optax.partition``, and resolving label trees by path.
+leaves by label with ``optax.partition``, cutting leaves frozen in whole slices
+(layers of a stack) down to their trainable slices, and resolving label trees by path.
 
-Invariants: a routed-away leaf never reaches the inner transform (no state, not
-seen by clipping, decay, accumulation or norms); its update is ``-0.0``
-(``-0-0j``); optax is never handed a callable label tree (an Equinox module is
-callable), only a function returning it.
+Invariants: a routed-away leaf, or frozen slice, never reaches the inner
+transform (no state, not seen by clipping, decay, accumulation or norms); its
+update is ``-0.0`` (``-0-0j``); slices are cut and put back with static slices
+and one concatenate (no gather), and the frozen label's state records which
+(``ZeroSlicesState``); optax is never handed a callable label tree (an Equinox
+module is callable), only a function returning it.
 """
 
 from __future__ import annotations
