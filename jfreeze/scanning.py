@@ -96,6 +96,8 @@ def scan(
     pieces = list(itertools.pairwise(cuts))
     if len(pieces) <= 1 and not any(p.frozen for p in plans):
         return jax.lax.scan(f, init, xs, length, reverse=reverse, unroll=unroll)
+    # One lax.scan per run: a run's body treats its frozen leaves as constants, so autodiff
+    # builds no weight gradient for them (one body for all layers would compute them all).
     carry, ys = init, {}
     for start, stop in reversed(pieces) if reverse else pieces:
         leaves = [p.cut(x, start, stop, n) for p, (_, x) in zip(plans, flat.entries, strict=True)]
