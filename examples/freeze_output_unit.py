@@ -3,7 +3,7 @@
 A linen ``Dense(2)`` reads fixed features. The weights into output unit 0 (kernel column 0 and
 bias 0) are frozen with ``jf.elements``; unit 1 trains under adamw, whose momentum and weight
 decay would move unit 0 if anything leaked. Claims: unit 0's weights and its output keep every
-bit, its Adam moments stay zero, unit 1 learns its target; and with a trainable layer before
+bit, Adam keeps moments for unit 1's weights only, unit 1 learns its target; and with a trainable layer before
 it, unit 0's weights stay fixed but its output moves, until that layer is frozen too.
 
     python examples/freeze_output_unit.py           # a few seconds
@@ -70,10 +70,9 @@ def main(argv=None) -> int:
     c.check("unit 0's output on the data keeps every bit", same_bits(before[:, 0], after[:, 0]))
     mse = [float(jnp.mean((o[:, 1] - y[:, 1]) ** 2)) for o in (before, after)]
     c.check(f"unit 1 learns (mse {mse[0]:.3f} -> {mse[1]:.4f})", mse[1] < 0.05 * mse[0])
-    # Zeroed before adamw (jnp.where), the frozen column's moments stay exactly zero.
-    moments = [a for a in jax.tree.leaves(state) if a.shape == params["out"]["kernel"].shape]
-    c.check("adam's moments of unit 0 stay zero",
-            len(moments) == 2 and all(bool((m[:, 0] == 0).all()) for m in moments))
+    # Whole columns: jf.freeze hands adamw only the trainable column, so unit 0 has no state.
+    shapes = sorted(a.shape for a in jax.tree.leaves(state) if a.ndim)
+    c.check(f"adam holds moments for unit 1 only {shapes}", shapes == [(1,)] * 2 + [(8, 1)] * 2)
 
     # A trainable layer before it: unit 0's weights are fixed, its output is not.
     model = Readout(hidden=16)
