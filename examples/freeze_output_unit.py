@@ -3,8 +3,9 @@
 A linen ``Dense(2)`` reads fixed features. The weights into output unit 0 (kernel column 0 and
 bias 0) are frozen with ``jf.elements``; unit 1 trains under adamw, whose momentum and weight
 decay would move unit 0 if anything leaked. Claims: unit 0's weights and its output keep every
-bit, Adam keeps moments for unit 1's weights only, unit 1 learns its target; and with a trainable layer before
-it, unit 0's weights stay fixed but its output moves, until that layer is frozen too.
+bit, Adam keeps moments for unit 1's weights only, unit 1 learns its target; and with a
+trainable layer before it, unit 0's weights stay fixed but its output moves, until that layer
+is frozen too.
 
     python examples/freeze_output_unit.py           # a few seconds
     python examples/freeze_output_unit.py --quick
