@@ -7,7 +7,9 @@ Read in this order (``examples/probe_population.py`` runs them):
 * ``zoo``         -- many of them trained in one vmapped, jitted step; labelled; cached
 * ``probe``       -- noise -> generator -> **frozen model** -> head: the jfreeze step
 * ``train``       -- that step over the population, on one device or a ``models`` mesh
-* ``baselines``   -- the majority class and weight statistics
-* ``crossval``    -- held-out models, fold by fold
-* ``report``      -- the printed lines and the plot
+* ``baselines``   -- the majority class, weight statistics, and probe + weight statistics
+* ``crossval``    -- held-out models, fold by fold (every model's held-out scores kept)
+* ``report``      -- the printed lines (overall and within setup groups) and the plot
+* ``user_zoo``    -- ``--zoo DIR``: a user's labelled checkpoints and apply function
+* ``cli``         -- the command line
 """
