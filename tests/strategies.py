@@ -24,7 +24,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import os
+import pathlib
 import re
+import subprocess
+import sys
 from typing import Any, NamedTuple
 
 import hypothesis.strategies as st
@@ -262,3 +266,19 @@ def property_settings(max_examples: int, *, shrink: bool = True):
         phases=phases,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
+
+
+def run_on_host_devices(script: pathlib.Path, devices: int, marker: str, *args: str) -> str:
+    """Runs ``script`` in a fresh process with ``devices`` CPU devices (XLA_FLAGS is read at
+    jax import, so a mesh test needs its own process); asserts it exits 0 and prints ``marker``."""
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = flags.strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, str(script), *args], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert marker in proc.stdout, proc.stdout
+    return proc.stdout

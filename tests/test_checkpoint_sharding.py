@@ -5,13 +5,10 @@ params, optimizer state and collections alike, bit for bit; a template without a
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from strategies import run_on_host_devices
 
 pytest.importorskip("orbax.checkpoint")
 
@@ -61,13 +58,4 @@ SCRIPT = textwrap.dedent(
 def test_checkpoints_read_every_leaf_with_its_templates_sharding(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                        + " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], env=env,
-                          cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "CHECKPOINT-SHARDING-OK" in proc.stdout
+    run_on_host_devices(script, 4, "CHECKPOINT-SHARDING-OK", str(tmp_path / "ckpt"))

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import hypothesis.strategies as st
@@ -19,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import given
-from strategies import property_settings
+from strategies import property_settings, run_on_host_devices
 
 import jfreeze as jf
 
@@ -312,13 +310,4 @@ SCRIPT = textwrap.dedent(
 def test_a_stack_sharded_on_its_layer_axis_is_restored_with_its_sharding(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                        + " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], env=env,
-                          cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert "LAYERS-SHARDING-OK" in proc.stdout
+    run_on_host_devices(script, 4, "LAYERS-SHARDING-OK", str(tmp_path / "ckpt"))

@@ -7,11 +7,9 @@ with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
+
+from strategies import run_on_host_devices
 
 SCRIPT = textwrap.dedent(
     r"""
@@ -175,18 +173,7 @@ SCRIPT_LAYERS = textwrap.dedent(
 def _run_on_8_host_devices(tmp_path, script_text):
     script = tmp_path / "sharding_check.py"
     script.write_text(script_text)
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env["XLA_FLAGS"] = flags.strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SHARDING-OK" in proc.stdout
+    run_on_host_devices(script, 8, "SHARDING-OK")
 
 
 def test_freeze_under_mesh_of_8_host_devices(tmp_path):
