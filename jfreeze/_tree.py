@@ -44,6 +44,8 @@ __all__ = [
     "is_placeholder",
     "leaves_with_paths",
     "mask_and",
+    "mask_count",
+    "mask_equal",
     "mask_not",
     "mask_or",
     "path_str",
@@ -412,24 +414,49 @@ def _fold(masks: tuple[Mask, ...], absorbing: bool, op: Callable) -> Mask:
         elif out is (not absorbing):
             out = m
         elif m is not (not absorbing):
-            out = op(out, m)
+            # On the compact forms, broadcast back: a view, never a pass over a whole stack.
+            out = np.broadcast_to(op(compact(out), compact(m)), m.shape)
     return out
 
 
 def mask_not(m: Mask) -> Mask:
     """Complement of a mask."""
-    return (not m) if isinstance(m, bool) else np.logical_not(m)
+    return (not m) if isinstance(m, bool) else np.broadcast_to(~compact(m), m.shape)
+
+
+def _unbroadcast(m: np.ndarray) -> np.ndarray:
+    """``m`` without the axes it is broadcast along (stride 0): a view holding the same
+    values, so a layer mask of a (32, 4096, 11008) stack is read in 32 steps, not 1.4e9."""
+    if all(st or n <= 1 for st, n in zip(m.strides, m.shape, strict=True)):
+        return m
+    return m[tuple(slice(0, 1) if st == 0 else slice(None) for st in m.strides)]
 
 
 def simplify(m: Mask) -> Mask:
     """An element mask that selects all or nothing is a whole-leaf mask."""
     if isinstance(m, bool):
         return m
-    if m.all():
+    c = compact(m)
+    if c.all():
         return True
-    if not m.any():
+    if not c.any():
         return False
     return m
+
+
+def mask_count(m: Mask, size: int) -> int:
+    """How many of a leaf's ``size`` elements the mask selects."""
+    if isinstance(m, bool):
+        return size if m else 0
+    c = compact(m)
+    return int(np.count_nonzero(c)) * (size // c.size)
+
+
+def mask_equal(a: Mask, b: Mask) -> bool:
+    """Whether two masks of one leaf select the same elements."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a.shape == b.shape and bool(np.array_equal(*np.broadcast_arrays(compact(a), compact(b))))
 
 
 def compact(m: np.ndarray) -> np.ndarray:
@@ -439,7 +466,10 @@ def compact(m: np.ndarray) -> np.ndarray:
     >>> compact(np.array([[True, False], [True, False]]))
     array([[ True, False]])
     """
+    m = _unbroadcast(m)
     for axis in range(m.ndim):
+        if m.shape[axis] == 1:
+            continue
         first = m.take([0], axis=axis)
         if (m == first).all():
             m = first

@@ -24,6 +24,7 @@ from jfreeze._tree import (
     describe_paths,
     is_array,
     leaves_with_paths,
+    mask_count,
     runs,
     shape_dtype,
     simplify,
@@ -196,7 +197,8 @@ def _entries(flat: Flat, masks: Sequence[Mask], include_frozen: bool) -> list[di
         elif m is False:
             entry["status"] = "trainable"
         else:
-            entry.update(status="partial", mask_sha256=_mask_hash(m), frozen_elements=int(m.sum()))
+            entry.update(status="partial", mask_sha256=_mask_hash(m),
+                         frozen_elements=mask_count(m, m.size))
             layers = None if include_frozen else _frozen_layers(x, m)
             if layers is not None:
                 entry["layers"] = layers  # the trainable layers are saved, the frozen referenced

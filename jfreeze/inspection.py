@@ -19,6 +19,7 @@ from jfreeze._tree import (
     describe_paths,
     is_array,
     is_placeholder,
+    mask_count,
     runs,
     slab,
 )
@@ -461,7 +462,7 @@ def _count(
         if not _is_param(x):
             continue  # e.g. an unfiltered Equinox module's activation functions
         n = _size(x)
-        nf = n if m is True else 0 if m is False else int(np.sum(np.broadcast_to(m, np.shape(x))))
+        nf = mask_count(m, n)
         b = _nbytes(x)
         frozen_bytes += b if m is True else 0 if m is False else nf * _itemsize(x)
         stack = _stack_of(x, m)

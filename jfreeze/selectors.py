@@ -34,6 +34,7 @@ from jfreeze._tree import (
     is_function,
     is_placeholder,
     mask_and,
+    mask_equal,
     mask_not,
     mask_or,
     shape_dtype,
@@ -148,8 +149,7 @@ def _check_same_answer(sel: Selector, flat: Flat, masks: list[Mask], like: Any) 
         if path not in other:
             continue
         o = other[path]
-        same = (m is o) if isinstance(m, bool) or isinstance(o, bool) else np.array_equal(m, o)
-        if not same:
+        if not mask_equal(m, o):
             raise ValueError(
                 f"{sel!r} gives different answers for the two trees at path {path!r}: "
                 f"{kind(o)} on {spell_leaf(leaves[path])}, {kind(m)} on {spell_leaf(x)}. "
@@ -550,7 +550,8 @@ class _Layers(Selector):
             ) from None
         shape = [1] * leaf.ndim
         shape[axis] = -1
-        return simplify(np.broadcast_to(selected.reshape(shape), leaf.shape).copy())
+        # A read-only broadcast view: no copy of a mask as large as the stack.
+        return simplify(np.broadcast_to(selected.reshape(shape), leaf.shape))
 
     def _strict_patterns(self):
         if self.strict:

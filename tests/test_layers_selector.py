@@ -6,6 +6,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given
 from strategies import property_settings
@@ -117,3 +118,26 @@ def test_runs_cover_the_vector_in_maximal_runs(values):
         assert a < b and (v[a:b] == val).all()
         if nxt is not None:
             assert nxt[0] == b and nxt[2] != val
+
+
+def test_layer_masks_of_an_llm_sized_stack_are_never_materialised():
+    # (32, 4096, 11008) bf16: 1.4e9 elements. A layer mask is a broadcast view, and the mask
+    # algebra, jf.freeze's tracing, jf.scan and jf.summary read it through its compact form.
+    shape = (32, 4096, 11008)
+    p = {"w": jax.ShapeDtypeStruct(shape, jnp.bfloat16),
+         "b": jax.ShapeDtypeStruct((32, 4096), jnp.float32)}
+    sel = jf.layers("**", range(8)) | (jf.layers("w", [9]) - jf.layers("w", [0], axis=2))
+    m = sel(p)["w"]
+    assert m.shape == shape and not m.flags.owndata and m.strides[1] == 0
+    assert slab(m) is None and slab(sel(p)["b"])[0] == 0
+    s = jf.summary(p, frozen=jf.layers("**", range(8)))
+    assert s.frozen == 8 * (4096 * 11008 + 4096) and s.total == 32 * (4096 * 11008 + 4096)
+    tx = jf.freeze(optax.adam(1e-3), frozen=jf.layers("**", range(8)))
+    state = jax.eval_shape(tx.init, p)
+    assert jf.inner_state(state)[0].mu["w"].shape == (24, 4096, 11008)
+    upd, _ = jax.eval_shape(tx.update, p, state, p)
+    assert upd["w"].shape == shape
+    out, _ = jax.eval_shape(
+        lambda q: jf.scan(lambda h, layer: (h + layer["b"][0], None), jnp.zeros((), jnp.float32),
+                          q, frozen=jf.layers("**", range(8))), p)
+    assert out.shape == ()
