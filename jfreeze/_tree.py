@@ -413,7 +413,7 @@ def _fold(masks: tuple[Mask, ...], absorbing: bool, op: Callable) -> Mask:
             out = absorbing
         elif out is (not absorbing):
             out = m
-        elif m is not (not absorbing):
+        elif isinstance(m, np.ndarray) and isinstance(out, np.ndarray):
             # On the compact forms, broadcast back: a view, never a pass over a whole stack.
             out = np.broadcast_to(op(compact(out), compact(m)), m.shape)
     return out
@@ -456,7 +456,8 @@ def mask_equal(a: Mask, b: Mask) -> bool:
     """Whether two masks of one leaf select the same elements."""
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
-    return a.shape == b.shape and bool(np.array_equal(*np.broadcast_arrays(compact(a), compact(b))))
+    ca, cb = np.broadcast_arrays(compact(a), compact(b))
+    return a.shape == b.shape and bool(np.array_equal(ca, cb))
 
 
 def compact(m: np.ndarray) -> np.ndarray:
