@@ -449,7 +449,7 @@ def mask_count(m: Mask, size: int) -> int:
     if isinstance(m, bool):
         return size if m else 0
     c = compact(m)
-    return int(np.count_nonzero(c)) * (size // c.size)
+    return int(np.count_nonzero(c)) * (size // c.size) if c.size else 0
 
 
 def mask_equal(a: Mask, b: Mask) -> bool:
@@ -468,6 +468,8 @@ def compact(m: np.ndarray) -> np.ndarray:
     array([[ True, False]])
     """
     m = _unbroadcast(m)
+    if m.size == 0:  # an empty leaf: nothing to compare
+        return m
     for axis in range(m.ndim):
         if m.shape[axis] == 1:
             continue

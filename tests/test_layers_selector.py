@@ -141,3 +141,12 @@ def test_layer_masks_of_an_llm_sized_stack_are_never_materialised():
         lambda q: jf.scan(lambda h, layer: (h + layer["b"][0], None), jnp.zeros((), jnp.float32),
                           q, frozen=jf.layers("**", range(8))), p)
     assert out.shape == ()
+
+
+def test_empty_leaves_select_all_as_before():
+    # An empty leaf's element mask is vacuously everything (a whole-leaf True), as it was
+    # before masks were read through their compact form.
+    assert jf.layers("w", [])({"w": jnp.ones((0, 3))})["w"] is True
+    assert jf.elements("w", np.s_[:, :1])({"w": jnp.ones((2, 0))})["w"] is True
+    s = jf.summary({"w": jnp.ones((0, 3)), "b": jnp.ones(2)}, frozen=jf.layers("w", []))
+    assert s.frozen == 0 and s.total == 2
