@@ -54,7 +54,7 @@ def _ocp():
 def _mask_hash(mask: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(repr(tuple(mask.shape)).encode())
-    h.update(np.packbits(mask.astype(bool), axis=None).tobytes())
+    h.update(np.packbits(mask.astype(bool, copy=False), axis=None).tobytes())  # no copy of a view
     return h.hexdigest()[:16]
 
 
