@@ -189,6 +189,17 @@ def write_json(path: str, rows: list[dict]) -> None:
         f.write("\n")
 
 
+def run_settings(args: argparse.Namespace, timing: dict) -> tuple[str, Any, int, int]:
+    """``(preset, dtype, rounds, per_round)`` from :func:`common_args`' flags: the preset
+    (quick / gpu / cpu), its compute dtype (bf16 on GPU) and its timing, flags first."""
+    import jax.numpy as jnp
+
+    preset = "quick" if args.quick else "gpu" if args.gpu else "cpu"
+    dtype = jnp.dtype(args.dtype or ("bfloat16" if args.gpu else "float32"))
+    rounds, per_round = timing[preset]
+    return preset, dtype, args.rounds or rounds, args.per_round or per_round
+
+
 def common_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true",

@@ -401,11 +401,8 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(threads)
     except ImportError:
         pass
-    preset = "quick" if args.quick else "gpu" if args.gpu else "cpu"
-    dtype = jnp.dtype(args.dtype or ("bfloat16" if args.gpu else "float32"))
+    preset, dtype, rounds, per_round = measure.run_settings(args, TIMING)
     peak = measure.peak_tflops(args.peak_tflops)
-    rounds, per_round = TIMING[preset]
-    rounds, per_round = args.rounds or rounds, args.per_round or per_round
     if args.jax_extra is None:
         args.jax_extra = "" if args.quick else ",".join(DEFAULT_EXTRA)
     extra = (list(JAX_FORMULATIONS) if args.jax_extra == "all"

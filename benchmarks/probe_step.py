@@ -219,11 +219,8 @@ def main(argv=None) -> list[dict]:
     p = measure.common_args(__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     args = p.parse_args(argv)
-    preset = "quick" if args.quick else "gpu" if args.gpu else "cpu"
-    dtype = jnp.dtype(args.dtype or ("bfloat16" if args.gpu else "float32"))
+    preset, dtype, rounds, per_round = measure.run_settings(args, TIMING)
     peak = measure.peak_tflops(args.peak_tflops)
-    rounds, per_round = TIMING[preset]
-    rounds, per_round = args.rounds or rounds, args.per_round or per_round
     info = measure.machine()
     print(f"probe_step [{preset}] on {info['device']} ({info['cpu']}, "
           f"{info['cores_available']} cores), "

@@ -178,10 +178,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--setups", default="bottom,middle", help="comma-separated: bottom, middle")
     args = p.parse_args(argv)
-    preset = "quick" if args.quick else "gpu" if args.gpu else "cpu"
-    dtype = jnp.dtype(args.dtype or ("bfloat16" if args.gpu else "float32"))
-    rounds, per_round = TIMING[preset]
-    rounds, per_round = args.rounds or rounds, args.per_round or per_round
+    preset, dtype, rounds, per_round = measure.run_settings(args, TIMING)
     s = PRESETS[preset]
     variants = tuple(args.variants.split(","))
     info = measure.machine()
