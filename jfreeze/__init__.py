@@ -25,7 +25,14 @@ from jfreeze.checks import ComputeReport, check_frozen_compute, compiled_flops
 from jfreeze.forward import merge, split, stop_gradient
 from jfreeze.inspection import Row, Summary, assert_frozen, summary
 from jfreeze.labeling import Labels, labels
-from jfreeze.population import shard_stacked, stack, unstack
+from jfreeze.population import (
+    models_mesh,
+    population_compiler_options,
+    shard_stacked,
+    stack,
+    unstack,
+    vmap_models,
+)
 from jfreeze.scaling import LayerwiseDecay, layerwise_decay, scale_by_label
 from jfreeze.scanning import scan
 from jfreeze.schedules import GradualUnfreezeState, gradual_unfreeze, thawed_value_and_grad
@@ -78,10 +85,12 @@ __all__ = [
     "layers",
     "layerwise_decay",
     "merge",
+    "models_mesh",
     "nothing",
     "partition",
     "path_str",
     "paths",
+    "population_compiler_options",
     "regex",
     "restore_trainable",
     "save_trainable",
@@ -96,6 +105,7 @@ __all__ = [
     "summary",
     "thawed_value_and_grad",
     "unstack",
+    "vmap_models",
     "where",
 ]
 
