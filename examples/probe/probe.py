@@ -27,6 +27,7 @@ from .transformer import forward
 from .zoo import ZooConfig
 
 FROZEN = jf.paths("frozen_model/**")  # a sandwich is {"probe": ..., "frozen_model": ...}
+GENERATORS, HEADS = ("mlp", "deep_linear"), ("mlp", "pool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,52 +60,89 @@ class ProbeConfig:
     weight_decay: float = 1e-2
     eval_draws: int = 8  # noise draws averaged at evaluation
     seed: int = 0
+    # Variants (examples/probe/select.py chooses among them on training models only):
+    generator: str = "mlp"  # "deep_linear": ProbeGen's linear stack (Kahana et al. 2024)
+    linear_layers: int = 3  # depth of the "deep_linear" generator
+    hard_queries: bool = False  # straight-through one-hot tokens, as a real input would be
+    head: str = "mlp"  # "pool": one MLP per answer, mean over queries (permutation-invariant)
+
+    def __post_init__(self):
+        if self.generator not in GENERATORS or self.head not in HEADS:
+            raise ValueError(f"generator {self.generator!r} not in {GENERATORS} or head "
+                             f"{self.head!r} not in {HEADS}")
+
+
+def _dense(key, n_in, n_out, scale=1.0):
+    return jax.random.normal(key, (n_in, n_out)) * scale / math.sqrt(n_in)
 
 
 def init_probe(key, pc: ProbeConfig, n_lits: int) -> dict:
-    k = jax.random.split(key, 5)
+    k = jax.random.split(key, 5)  # the keys of the defaults, as before the variants
     K, L, H = pc.queries, pc.query_len, pc.hidden
-
-    def dense(key, n_in, n_out, scale=1.0):
-        return jax.random.normal(key, (n_in, n_out)) * scale / math.sqrt(n_in)
-
-    return {
-        # noise z (K, d_noise) -> per-query soft sequence (K, L, n_lits)
-        "gen": {
-            "w1": dense(k[0], pc.d_noise, H), "b1": jnp.zeros(H),
-            "w2": dense(k[1], H, L * n_lits, 0.5),
-            "query": jax.random.normal(k[2], (K, L * n_lits)),  # one learned code per query
-        },
-        # the frozen model's K answers -> generaliser logit
-        "head": {
-            "w1": dense(k[3], 2 * K, H), "b1": jnp.zeros(H),
-            "w2": dense(k[4], H, 1, 0.1), "b2": jnp.zeros(1),
-        },
-    }
+    if pc.generator == "mlp":  # noise z (K, d_noise) -> per-query soft sequence (K, L, n_lits)
+        gen = {"w1": _dense(k[0], pc.d_noise, H), "b1": jnp.zeros(H),
+               "w2": _dense(k[1], H, L * n_lits, 0.5),
+               "query": jax.random.normal(k[2], (K, L * n_lits))}  # one learned code per query
+    else:  # [learned code_k, z_k] -> linear layers, no activation: the queries share one
+        # low-rank affine map, ProbeGen's regulariser (a free (K, L * n_lits) code has none)
+        widths = [2 * pc.d_noise] + [H] * (pc.linear_layers - 1) + [L * n_lits]
+        keys = jax.random.split(jax.random.fold_in(key, 1), pc.linear_layers)
+        gen = {"code": jax.random.normal(k[2], (K, pc.d_noise)),
+               "layers": [{"w": _dense(kl, a, b), "b": jnp.zeros(b)}
+                          for kl, a, b in zip(keys, widths[:-1], widths[1:], strict=True)]}
+    n_feats = 2 if pc.head == "pool" else 2 * K  # pool: one answer's features at a time
+    head = {"w1": _dense(k[3], n_feats, H), "b1": jnp.zeros(H),
+            "w2": _dense(k[4], H, 1, 0.1), "b2": jnp.zeros(1)}
+    return {"gen": gen, "head": head}
 
 
-def soft_queries(gen: dict, z, L: int, n_lits: int, vocab: int):
-    """Noise ``(K, d_noise)`` -> soft one-hot sequences ``(K, L, vocab)`` (no PAD mass)."""
-    h = jax.nn.gelu(z @ gen["w1"] + gen["b1"])
-    logits = (h @ gen["w2"] + gen["query"]).reshape(z.shape[0], L, n_lits)
-    probs = jax.nn.softmax(logits, axis=-1)
+def query_logits(gen: dict, z, L: int, n_lits: int):
+    """Noise ``(K, d_noise)`` -> token logits ``(K, L, n_lits)``, by either generator."""
+    if "query" in gen:  # "mlp"
+        h = jax.nn.gelu(z @ gen["w1"] + gen["b1"])
+        out = h @ gen["w2"] + gen["query"]
+    else:  # "deep_linear"
+        out = jnp.concatenate([gen["code"], z], axis=-1)
+        for layer in gen["layers"]:
+            out = out @ layer["w"] + layer["b"]
+    return out.reshape(z.shape[0], L, n_lits)
+
+
+def soft_queries(gen: dict, z, L: int, n_lits: int, vocab: int, hard: bool = False):
+    """Noise ``(K, d_noise)`` -> one-hot-ish sequences ``(K, L, vocab)`` (no PAD mass).
+
+    ``hard``: straight-through, the forward sees exact one-hot tokens (argmax), the
+    backward the softmax's gradient.
+    """
+    probs = jax.nn.softmax(query_logits(gen, z, L, n_lits), axis=-1)
+    if hard:  # onehot + (p - p): exactly one-hot forward (p + (onehot - p) can round off 1)
+        onehot = jax.nn.one_hot(jnp.argmax(probs, axis=-1), n_lits, dtype=probs.dtype)
+        probs = onehot + (probs - jax.lax.stop_gradient(probs))
     return jnp.pad(probs, ((0, 0), (0, 0), (0, vocab - n_lits)))
+
+
+def head_logit(head: dict, answers, pool: bool):
+    """The frozen model's ``(K,)`` answers -> one logit; ``pool``: invariant to their order."""
+    feats = jnp.stack([jnp.tanh(answers / 4), jax.nn.sigmoid(answers)], axis=-1)  # (K, 2)
+    if pool:  # the same MLP on every answer, mean over queries: no query combination to learn
+        h = jax.nn.gelu(feats @ head["w1"] + head["b1"]).mean(0)
+    else:
+        h = jax.nn.gelu(feats.T.reshape(-1) @ head["w1"] + head["b1"])
+    return (h @ head["w2"] + head["b2"])[0]
 
 
 def sandwich(params: dict, z, spec: ModelSpec, pc: ProbeConfig):
     """One frozen model in, one "is a generaliser" logit out (vmap over models)."""
     probe, model = params["probe"], params["frozen_model"]
-    x = soft_queries(probe["gen"], z, pc.query_len, spec.query_tokens, spec.vocab)
+    x = soft_queries(probe["gen"], z, pc.query_len, spec.query_tokens, spec.vocab,
+                     pc.hard_queries)
     lens = np.linspace(pc.min_query_len, pc.query_len, pc.queries).round()
     mask = np.arange(pc.query_len)[None, :] < lens[:, None]  # (K, L), static
 
     def answer(xi, mi):  # one number per query, whatever the user's apply returns it as
         return jnp.reshape(spec.apply(model, xi, mi), ()).astype(jnp.float32)
 
-    answers = jax.vmap(answer)(x, mask)  # (K,)
-    feats = jnp.concatenate([jnp.tanh(answers / 4), jax.nn.sigmoid(answers)])
-    h = jax.nn.gelu(feats @ probe["head"]["w1"] + probe["head"]["b1"])
-    return (h @ probe["head"]["w2"] + probe["head"]["b2"])[0]
+    return head_logit(probe["head"], jax.vmap(answer)(x, mask), pc.head == "pool")
 
 
 def make_probe_fns(model: ModelSpec | ZooConfig, pc: ProbeConfig, tx) -> dict:
