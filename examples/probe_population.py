@@ -3,6 +3,8 @@
     python examples/probe_population.py            # minutes on a 2-core laptop CPU
     python examples/probe_population.py --quick    # seconds (what the tests run)
     python examples/probe_population.py --zoo DIR --model pkg.mod:apply --vocab V  # your zoo
+    python examples/probe_population.py --select   # each fold's probe variant chosen on its
+                                                   # training models only (probe/select.py)
 
 A zoo of tiny transformers learns a task on short sequences; a probe (noise -> trainable
 generator -> *the frozen model* -> trainable head) learns which of them still solve it on
@@ -21,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import claims
 import jax
-from probe import baselines, crossval, report, train, user_zoo, zoo
+from probe import baselines, crossval, report, select, train, user_zoo, zoo
 from probe.cli import parse_args
 from probe.probe import FROZEN, ModelSpec, ProbeConfig, as_spec, init_probe
 
@@ -35,7 +37,8 @@ def main(argv=None) -> int:
                         seed=a.seed)
     pc = ProbeConfig(queries=a.queries, query_len=a.query_len, min_query_len=a.min_query_len,
                      batch_models=a.batch_models, steps=a.steps, lr=a.lr, seed=a.seed,
-                     eval_draws=2 if a.quick else 8)
+                     eval_draws=2 if a.quick else 8, generator=a.generator,
+                     hard_queries=bool(a.hard_queries), head=a.head)
     train.use_devices(a.devices)
     print(report.header(None if a.zoo else cfg, pc, a.devices))
 
@@ -67,8 +70,12 @@ def main(argv=None) -> int:
     probe0 = init_probe(jax.random.key(0), pc, as_spec(model).query_tokens)
     print(jf.summary({"probe": probe0, "frozen_model": crossval.take(params, 0)}, frozen=FROZEN))
     splits = crossval.make_splits(labels, a.folds, a.test_frac, a.seed)
-    res = crossval.cross_validate(params, labels, splits, model, pc, devices=a.devices,
-                                  bf16=a.bf16, stack_folds=a.stack_folds, seed=a.seed)
+    cv_kw = {"devices": a.devices, "bf16": a.bf16, "stack_folds": a.stack_folds, "seed": a.seed}
+    if a.select:  # each fold's variant chosen on its own training models only
+        res = select.nested_cross_validate(params, labels, splits, model, pc,
+                                           inner=a.select_splits, out=a.out, **cv_kw)
+    else:
+        res = crossval.cross_validate(params, labels, splits, model, pc, **cv_kw)
     readable = baselines.setup_readability(params, groups, a.seed)
     within = report.finish(a.out, res, labels, splits, t_start, groups=groups, readable=readable,
                            zoo_seconds=zoo_seconds, zoo_cached=cached, devices=a.devices,

@@ -18,6 +18,11 @@ FLAGS = [  # flag, type, default, default under --quick, help
     ("--query-len", int, 32, 32, "longest query"), ("--min-query-len", int, 16, 16, "shortest"),
     ("--batch-models", int, 32, 8, "frozen models per step, a multiple of --devices"),
     ("--lr", float, 3e-3, 3e-3, "probe learning rate"),
+    ("--generator", str, "mlp", "mlp", "query generator: mlp | deep_linear (ProbeGen's linear "
+     "layers, no activation)"),
+    ("--hard-queries", int, 0, 0, "1: straight-through one-hot queries (forward argmax tokens)"),
+    ("--head", str, "mlp", "mlp", "mlp | pool (one MLP per answer, mean over queries)"),
+    ("--select-splits", int, 2, 2, "with --select: inner splits of each fold's training models"),
     ("--folds", int, 4, 1, "K-fold cross-validation over the zoo; 1: one split of --test-frac"),
     ("--test-frac", float, 0.3, 0.3, "held-out share of one split"),
     ("--stack-folds", int, 2, 2, "probes cross-fitted per fold for 'probe + w.stats'; 0: none"),
@@ -39,6 +44,8 @@ def parse_args(argv=None, doc: str = "") -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     p.add_argument("--quick", action="store_true", help="tiny zoo, few steps (seconds)")
     p.add_argument("--bf16", action="store_true", help="frozen models in bfloat16")
+    p.add_argument("--select", action="store_true", help="choose generator / queries / head in "
+                   "each fold on its training models only (probe/select.py)")
     for flag, kind, full, quick, help_ in FLAGS:
         also = "" if quick == full else f"; --quick {quick}"
         p.add_argument(flag, type=kind, help=f"{help_} (default {full}{also})")
