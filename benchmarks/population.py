@@ -17,6 +17,12 @@ probe only. The same sizes, weights and FLOPs in each variant:
   ``jax.vmap``-s the transformer over the stacked frozen parameters, in one ``jax.jit``;
   the stacked models are split over one JAX CPU device per core (``jf.shard_stacked``),
   the probe replicated, so the cores run independent shares of the population.
+* ``jf_vmap_models``: the README's population path, written with the library only
+  (``library_population_step``): ``jf.vmap_models`` (stop_gradient, ``dots_saveable``
+  remat, vmap, the ``models`` mesh axis) over a transformer whose LayerNorm backward is
+  one ``custom_vjp`` (the README's recipe), ``jf.models_mesh`` + ``jf.shard_stacked``,
+  and ``jax.jit(compiler_options=jf.population_compiler_options())``. It compiles to the
+  same HLO ops as ``jf_vmap``, which reaches ``jf.vmap_models`` through ``Formulation``.
 * ``torch_loop``: K ``nn.Module``-s with ``requires_grad_(False)`` called in a Python loop.
 * ``torch_vmap``: ``torch.func.vmap`` over ``torch.func.functional_call`` with the K
   models' parameters stacked by ``torch.func.stack_module_state``.
@@ -59,7 +65,7 @@ from benchmarks.models import (
     with_transposed_kernels,
 )
 
-VARIANTS = ("jf_vmap", "torch_loop", "torch_vmap")
+VARIANTS = ("jf_vmap", "jf_vmap_models", "torch_loop", "torch_vmap")
 LR = 1e-3
 
 
@@ -175,13 +181,6 @@ class JaxVariant:
         return measure.block(loss)
 
 
-def models_mesh(n: int):
-    """A 1-D mesh ``("models",)`` over the first ``n`` devices, with auto sharding propagation."""
-    auto = getattr(jax.sharding, "AxisType", None)
-    kw = {"axis_types": (auto.Auto,)} if auto is not None else {}
-    return jax.make_mesh((n,), ("models",), devices=jax.devices()[:n], **kw)
-
-
 def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, z, y,
                      extra_options=None) -> tuple[JaxVariant, dict]:
     """The jitted population step of one formulation, compiled; and its compiled stats."""
@@ -200,10 +199,13 @@ def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, 
     zoo = jax.tree.map(lambda a: a.astype(dtype), zoo)
     if form.pretransposed:
         zoo = with_transposed_kernels(zoo)
-    if form.remat:
-        one = jax.checkpoint(one, policy=getattr(jax.checkpoint_policies, form.remat))
+    # The most devices (up to all) that split the K models evenly.
+    mesh = jf.models_mesh(s.models) if form.shard else None
+    devices = mesh.shape["models"] if mesh is not None else 1
     if form.mapper == "vmap":
-        frozen_part = jax.vmap(one)
+        # The library call: stop_gradient, remat around each model, vmap, the "models" axis.
+        frozen_part = jf.vmap_models(one, remat=form.remat or None,
+                                     mesh=mesh if devices > 1 else None)
     else:
         def frozen_part(zoo, x):
             return jax.lax.map(lambda a: one(*a), (zoo, x))
@@ -215,13 +217,9 @@ def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, 
 
     adam = optax.adam(LR)
     params = {"probe": jax.tree.map(jnp.array, probe), "zoo": zoo}
-    # The most devices (up to all) that split the K models evenly.
-    devices = (max(n for n in range(1, jax.device_count() + 1) if s.models % n == 0)
-               if form.shard else 1)
-    if devices > 1:
+    if mesh is not None and devices > 1:
         # Each device runs K / devices of the frozen models (and their probes' inputs);
         # the probe is replicated, and jit all-reduces only its gradients.
-        mesh = models_mesh(devices)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         params = {"probe": jax.device_put(params["probe"], replicated),
                   "zoo": jf.shard_stacked(zoo, mesh)}
@@ -248,6 +246,52 @@ def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, 
     stats["frozen_bytes"] = measure.tree_bytes(frozen)  # the stacked zoo the step reads
     v = JaxVariant(name, compiled, state, frozen, z, y, hlo=compiled.as_text())
     v.loss0 = float(v())  # the first step's loss: at the initial parameters
+    return v, stats
+
+
+def library_population_step(s: Sizes, probe, zoo, z, y, dtype=jnp.float32):
+    """The README's population path, with the library call only (row ``jf_vmap_models``).
+
+    ``jax_num_cpu_devices`` (one CPU device per core) is set by ``main`` before JAX starts.
+    Returns the jitted step ``(state, zoo, z, y) -> (state, loss)`` and its arguments.
+    """
+    mesh = jf.models_mesh(s.models)  # the most local devices that split the K models evenly
+    zoo, z, y = jf.shard_stacked((jax.tree.map(lambda a: a.astype(dtype), zoo), z, y), mesh)
+    probe = jax.device_put(probe, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    # LayerNorm with its backward as one custom_vjp: the README's recipe.
+    frozen_forward = jf.vmap_models(
+        lambda p, x: transformer(p, x, s.heads, ln="custom_vjp"), mesh=mesh)
+    adam = optax.adam(LR)
+
+    def loss(probe, zoo, z, y):
+        x = pre(probe["pre"], z, s)  # (K, P, T, d): each model's probe inputs
+        h = frozen_forward(zoo, x.astype(dtype)).astype(jnp.float32)
+        return bce(post(probe["post"], h), y)
+
+    @functools.partial(jax.jit, donate_argnums=0,
+                       compiler_options=jf.population_compiler_options())
+    def step(state, zoo, z, y):
+        probe, opt = state
+        value, grads = jax.value_and_grad(loss)(probe, zoo, z, y)
+        updates, opt = adam.update(grads, opt, probe)
+        return (optax.apply_updates(probe, updates), opt), value
+
+    return step, ((probe, adam.init(probe)), zoo, z, y), mesh.shape["models"]
+
+
+def make_library_variant(name: str, s: Sizes, probe, zoo, z, y, dtype) -> tuple[JaxVariant, dict]:
+    # The step donates its state: a copy, so the other rows still read the first probe.
+    probe = jax.tree.map(jnp.array, probe)
+    step, args, devices = library_population_step(s, probe, zoo, z, y, dtype)
+    compiled = step.lower(*args).compile()
+    stats = measure.compiled_stats(compiled, devices=devices)
+    # jf.compiled_flops jits what it is given, and jax refuses compiler_options on a nested
+    # jit: count the unwrapped step (the options change how XLA:CPU runs ops, not which).
+    stats["gflops"] = devices * jf.compiled_flops(step.__wrapped__, *args) / 1e9
+    stats["opt_state_bytes"] = measure.tree_bytes(args[0][1])
+    stats["frozen_bytes"] = measure.tree_bytes(args[1])
+    v = JaxVariant(name, compiled, *args, hlo=compiled.as_text())
+    v.loss0 = float(v())
     return v, stats
 
 
@@ -294,6 +338,11 @@ def run_config(s: Sizes, *, dtype, variants, jax_extra, rounds, per_round, time_
                   "asynchronously, so their times are lower bounds; see benchmarks/NOTES.md)")
             print(measure.profile_ops(pv.hlo, pv) + "\n")
 
+    if "jf_vmap_models" in variants:
+        v, stats = make_library_variant("jf_vmap_models", s, probe, zoo, z, y, dtype)
+        rows[v.name] = {"variant": v.name, "framework": "jax", "formulation": "library",
+                        **base, **stats, "loss0": v.loss0}
+        steps[v.name] = v
     torch_variants = [v for v in variants if v.startswith("torch")]
     if torch_compile and "torch_vmap_compile" not in torch_variants:
         torch_variants.append("torch_vmap_compile")
