@@ -191,8 +191,9 @@ def vmap_models(
     """Runs ``apply(params, *inputs)`` once per frozen model of a stacked population.
 
     Returns ``run(stacked_params, *inputs)``: every leaf of ``stacked_params`` and
-    of ``inputs`` has a leading model axis of the same size K, and the outputs
-    have it too. Inside ``run``:
+    of ``inputs`` has a leading model axis of the same size K (an input shared by
+    all models: ``jnp.broadcast_to`` it), and the outputs have it too. Inside
+    ``run``:
 
     * the stacked params go under ``jax.lax.stop_gradient``: they are data, and no
       weight gradient of a frozen model is computed even when a caller
@@ -227,7 +228,8 @@ def vmap_models(
       apply: ``apply(params, *inputs) -> outputs`` for one model (no model axis).
       remat: a ``jax.checkpoint_policies`` name, a policy, or ``None``.
       chunk: models per loop step (over all devices together); must divide K and
-        be a multiple of the devices on ``axis``. ``None``: all at once.
+        be a multiple of the devices on ``axis``. ``None`` (or ``chunk >= K``): all
+        at once.
       mesh: a mesh with an axis ``axis`` to split the models over.
       axis: the mesh axis name.
 
