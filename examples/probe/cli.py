@@ -7,7 +7,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent.parent / "out"
 FLAGS = [  # flag, type, default, default under --quick, help
-    ("--models", int, 288, 24, "zoo size"),
+    ("--models", int, 1152, 24, "zoo size (1152: 32 models of each of the 36 setups)"),
     ("--zoo-steps", int, 400, 80, "training steps of every zoo model"),
     ("--d-model", int, 16, 16, "zoo model width"), ("--d-mlp", int, 32, 32, "MLP width"),
     ("--heads", int, 2, 2, "attention heads"), ("--layers", int, 2, 1, "transformer layers"),
