@@ -59,6 +59,7 @@ def main(argv=None) -> int:
                                cached=cached, seconds=time.time() - t0,
                                min_train_acc=a.min_train_acc, threshold=a.threshold))
     zoo_seconds = time.time() - t0
+    print(report.zoo_bytes_line(params, None if a.zoo else zoo.cache_path(cfg, a.cache_dir)))
     if a.save_zoo is not None:
         user_zoo.save(a.save_zoo, params, labels, names, groups)
         print(f"zoo: {len(names)} models written to {a.save_zoo} (read back: --zoo "

@@ -1,5 +1,6 @@
 """The headline example (examples/probe/): task, cache, step, a --quick run, 8 devices."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -47,7 +48,7 @@ def test_zoo_cache_round_trip(tmp_path):
     assert not np.asarray(loaded["params"]["pos"][0]).any()  # "none": an all-zero table
     # The key depends on the config, and is the one the caches under out/zoo were written with.
     assert zoo.ZooConfig(models=4).key() != zoo.ZooConfig(models=3).key()
-    assert zoo.ZooConfig(models=24, steps=80, n_layers=1, eval_batch=128).key() == "6708c1aa56ec"
+    assert zoo.ZooConfig(models=24, steps=80, n_layers=1, eval_batch=128).key() == "7518658b02ed"
 
 
 def _stacked_models(cfg, n):
@@ -72,6 +73,28 @@ def test_step_differentiates_the_probe_only_and_changes_nothing_else():
     for a, b in zip(jax.tree.leaves(cheap[:3]), jax.tree.leaves(full[:3]), strict=True):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
     assert any(np.abs(g).sum() > 0 for g in jax.tree.leaves(full[3]))  # gradients do reach them
+
+
+def test_folds_reuse_one_compiled_step_and_predict_in_chunks():
+    # Every fold and cross-fitted probe of one config runs the step compiled once per shape
+    # (a fold's seed is not part of it); predict runs in fixed-size chunks of models.
+    from probe import train
+
+    cfg = zoo.ZooConfig(models=10, d_model=8, n_heads=2, d_mlp=8, n_layers=1, max_len=8)
+    pc = ProbeConfig(queries=2, query_len=8, min_query_len=4, d_noise=4, hidden=8,
+                     batch_models=2, steps=2)
+    params, labels = _stacked_models(cfg, 10), np.arange(10) % 2
+    before = len(train._COMPILED)
+    runs = [train.train_probe(jax.tree.map(lambda x, n=n: x[:n], params), labels[:n], cfg,
+                              dataclasses.replace(pc, seed=seed), verbose=False,
+                              flops_check=False) for seed, n in ((0, 10), (1, 9))]
+    assert len(train._COMPILED) == before + 1  # 10 and 9 models: rows of 5 either way
+    logits = train.predict_logits(runs[0]["predict"], runs[0]["probe"], params,
+                                  jax.random.key(0))
+    assert logits.shape == (10,) and np.isfinite(logits).all()
+    one = train.predict_logits(runs[0]["predict"], runs[0]["probe"],
+                               jax.tree.map(lambda x: x[:1], params), jax.random.key(0))
+    np.testing.assert_allclose(one, logits[:1], rtol=1e-6)  # chunk 0 draws the same noise
 
 
 def test_quick_run(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 from . import baselines
 from .probe import ModelSpec, ProbeConfig
 from .report import flops_line
-from .train import cast_floats, train_probe
+from .train import cast_floats, predict_logits, train_probe
 from .zoo import ZooConfig
 
 COMBINED = "probe + w.stats"
@@ -55,9 +55,8 @@ def on_device(tree, dtype=None):
 
 def probe_logits(out: dict, params) -> np.ndarray:
     """A trained probe's logits (averaged over noise draws) for stacked ``params``."""
-    return np.asarray(out["predict"](on_device(out["probe"]),
-                                     on_device(cast_floats(params, out["dtype"])),
-                                     jax.random.key(10_000)))
+    return predict_logits(out["predict"], on_device(out["probe"]),
+                          cast_floats(params, out["dtype"]), jax.random.key(10_000))
 
 
 def cross_fit(params, labels, tr, te, model, pc: ProbeConfig, k: int, seed: int, **kw):
@@ -65,9 +64,11 @@ def cross_fit(params, labels, tr, te, model, pc: ProbeConfig, k: int, seed: int,
 
     ``k`` probes, each trained on all but one stratified ``k``-th of the training models
     ``tr`` and scoring that ``k``-th, so no training model is scored by a probe that saw it;
-    the test models ``te`` are never touched. What ``probe + w.stats`` is fitted on.
+    the test models ``te`` are never touched. What ``probe + w.stats`` is fitted on. Each
+    makes as many passes over its (k-1)/k of ``tr`` as the fold's probe over all of it.
     """
     held, on_test = np.full(len(tr), np.nan), []
+    pc = dataclasses.replace(pc, steps=max(1, round(pc.steps * (k - 1) / k)))
     for j, (a, b) in enumerate(make_splits(labels[tr], k, 0.5, seed + 1)):
         assert not np.intersect1d(tr[a], te).size and not np.intersect1d(tr[b], tr[a]).size
         out = train_probe(take(params, tr[a]), labels[tr[a]], model,
@@ -99,7 +100,7 @@ def cross_validate(params, labels, splits: list, model: ModelSpec | ZooConfig, p
             take(params, tr), labels[tr], model, pc, devices=devices, bf16=bf16,
             eval_sets={"train": (take(params, tr), labels[tr]),
                        "test": (take(params, te), labels[te])},
-            eval_every=max(10, pc.steps // 20), flops_check=k == 0,
+            eval_every=max(10, pc.steps // 6), flops_check=k == 0,
         )
         seconds += out["train_seconds"]
         curves.append(out["curves"])

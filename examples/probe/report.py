@@ -37,6 +37,25 @@ def zoo_lines(cfg, zoo: dict, labels, kept, *, path: Path, cached: bool, seconds
             f"zoo: generaliser fraction by positional table: {by_kind}")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform == "darwin" else kib / 2**10
+
+
+def zoo_bytes_line(params, path: Path | None) -> str:
+    """The stacked zoo's size in memory, and its cache file's on disk."""
+    nbytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+    n = len(jax.tree.leaves(params)[0])
+    disk = (f"; cache file {path.stat().st_size / 2**20:.1f} MB"
+            if path is not None and path.exists() else "")
+    return (f"zoo: {n} models stacked = {nbytes / 2**20:.1f} MB "
+            f"({nbytes // n} bytes each){disk}; peak RSS so far {peak_rss_mb():.0f} MB")
+
+
 def flops_line(f: dict, optimizer_numbers: int) -> str:
     return (f"compiled FLOPs per step: probe only {f['probe_step']:.3g}; the same step also "
             f"differentiating the frozen models {f['with_frozen_grads']:.3g} "
@@ -138,7 +157,7 @@ def finish(out: Path, result: dict, labels, splits: list, t_start: float, *, gro
     plot(plot_path, result["curves"], result["scores"], test_acc, threshold, kept,
          result["std_over_folds"] if n > 1 else None, n)
     within = within_groups(result["held_out"], labels, groups)
-    total = time.time() - t_start
+    total, cpu, rss = time.time() - t_start, time.process_time(), peak_rss_mb()
     summary = {
         "models": len(labels), "generalisers": int(np.sum(labels)), "threshold": threshold,
         "folds": n, "test_models": [len(te) for _, te in splits],
@@ -147,7 +166,8 @@ def finish(out: Path, result: dict, labels, splits: list, t_start: float, *, gro
         "within_groups": within, "setup_read_from_weights": readable,
         "zoo_seconds": zoo_seconds, "zoo_cached": zoo_cached,
         "probe_seconds": result["probe_seconds"], "stack_seconds": result["stack_seconds"],
-        "total_seconds": total, "devices": devices, "bf16": bool(bf16),
+        "total_seconds": total, "cpu_seconds": cpu, "peak_rss_mb": rss,
+        "devices": devices, "bf16": bool(bf16),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print()
@@ -157,7 +177,8 @@ def finish(out: Path, result: dict, labels, splits: list, t_start: float, *, gro
         print(groups_table(within, readable, n))
     print(f"\nzoo: {zoo_seconds:.0f}s ({'cached' if zoo_cached else 'trained'}), "
           f"probe: {result['probe_seconds']:.0f}s (+{result['stack_seconds']:.0f}s cross-fitted "
-          f"probes), total {total:.0f}s; plot: {plot_path}")
+          f"probes), total {total:.0f}s ({cpu:.0f}s CPU time); peak RSS {rss:.0f} MB; "
+          f"plot: {plot_path}")
     return within
 
 
