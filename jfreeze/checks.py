@@ -96,7 +96,8 @@ def compiled_flops(
     is counted over its whole window). A loop whose trip count XLA does not
     know (a ``while_loop`` with a data-dependent end) is counted once, with a
     ``RuntimeWarning`` naming it: the figure is then a lower bound.
-    A ``jax.jit``-wrapped ``fn`` is compiled as it is.
+    A ``jax.jit``-wrapped ``fn`` is lowered and compiled as it is, with its own
+    ``compiler_options``, shardings and donations.
 
     Args:
       fn: the function; ``args`` and ``kwargs`` are its arguments.
@@ -116,7 +117,10 @@ def compiled_flops(
     ...                   jnp.ones((4, 8)), jnp.ones((3, 8, 8)), matmul_only=True)
     1536.0
     """
-    counted = _flops(lambda a, k: fn(*a, **k), (args, kwargs))
+    lower = getattr(fn, "lower", None)  # a jitted fn keeps its own jit options
+    lowered = (lower(*args, **kwargs) if callable(lower)
+               else jax.jit(lambda a, k: fn(*a, **k)).lower(args, kwargs))
+    counted = _count(lowered)
     if counted.unknown_trips:
         warnings.warn(
             "jf.compiled_flops: XLA does not know the trip count of the loop(s) "
@@ -138,7 +142,10 @@ def _flops(fn: Callable, args: tuple, *, compiled: bool = True) -> _Counted:
     """FLOPs of the compiled program (XLA's cost analysis, loops by trip count from
     its optimized HLO), or (cheaper, for the per-output attribution) of the lowered
     one, already pruned to what the outputs need, whose loops count once."""
-    lowered = jax.jit(fn).lower(*args)
+    return _count(jax.jit(fn).lower(*args), compiled=compiled)
+
+
+def _count(lowered: Any, *, compiled: bool = True) -> _Counted:
     if not compiled:
         cost = _cost(lowered.cost_analysis())
         if cost is not None:

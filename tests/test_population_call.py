@@ -117,6 +117,10 @@ def test_compiler_options_and_mesh():
                    compiler_options=jf.population_compiler_options("cpu"))
     np.testing.assert_allclose(step(probe, zoo, z, bias), _loss(jax.vmap(apply))(
         probe, zoo, z, bias), rtol=1e-5)
+    # jf.compiled_flops compiles a jitted step as it is, its compiler options included
+    # (wrapping it in another jit would be refused: nested jits take no options).
+    assert jf.compiled_flops(step, probe, zoo, z, bias) == jf.compiled_flops(
+        _loss(jf.vmap_models(apply)), probe, zoo, z, bias) > 0
     mesh = jf.models_mesh(K)
     assert mesh.axis_names == ("models",) and K % mesh.size == 0
     run = jf.vmap_models(apply, mesh=mesh)
