@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     # 1. The zoo: a user's (labels.csv + checkpoints), or ours, trained in one vmapped step
     #    (or loaded from its cache) and labelled.
-    t0, own = time.time(), {}
+    t0, cpu0, own = time.time(), time.process_time(), {}
     if a.zoo is not None:
         params, labels, names, groups = user_zoo.load(a.zoo)
         model, cached = ModelSpec(user_zoo.load_apply(a.model), a.vocab, a.query_tokens), True
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
         own = {"test_acc": the_zoo["test_acc"], "kept": kept, "threshold": a.threshold}
         print(report.zoo_lines(cfg, the_zoo, labels, kept, path=zoo.cache_path(cfg, a.cache_dir),
                                cached=cached, seconds=time.time() - t0,
+                               cpu_seconds=time.process_time() - cpu0,
                                min_train_acc=a.min_train_acc, threshold=a.threshold))
     zoo_seconds = time.time() - t0
     print(report.zoo_bytes_line(params, None if a.zoo else zoo.cache_path(cfg, a.cache_dir)))

@@ -94,6 +94,7 @@ def cross_validate(params, labels, splits: list, model: ModelSpec | ZooConfig, p
     n = len(labels)
     held_out: dict[str, dict[str, np.ndarray]] = {}
     for k, (tr, te) in enumerate(splits):
+        t_fold = time.time(), time.process_time()
         if len(splits) > 1:
             print(f"fold {k + 1}/{len(splits)}: {len(tr)} training models, {len(te)} held out")
         out = train_probe(
@@ -131,6 +132,9 @@ def cross_validate(params, labels, splits: list, model: ModelSpec | ZooConfig, p
                                            "pred": np.full(n, np.nan)})
             h["score"][te], h["pred"][te] = sc.pop("score"), sc.pop("pred")
         folds.append(fold)
+        print(f"fold {k + 1}/{len(splits)} done in {time.time() - t_fold[0]:.0f}s "
+              f"({time.process_time() - t_fold[1]:.0f}s CPU; the probe's "
+              f"{pc.steps} steps {out['train_seconds']:.0f}s)")
     return {
         "per_fold": folds, "held_out": held_out,
         "scores": {name: {m: float(np.mean([fd[name][m] for fd in folds])) for m in ("acc", "auc")}

@@ -22,14 +22,14 @@ def header(cfg, pc, devices: int) -> str:
 
 
 def zoo_lines(cfg, zoo: dict, labels, kept, *, path: Path, cached: bool, seconds: float,
-              min_train_acc: float, threshold: float) -> str:
+              min_train_acc: float, threshold: float, cpu_seconds: float | None = None) -> str:
     """Where the zoo came from, how many models learned the task and how many generalise."""
     n_gen = int(labels.sum())
     kinds = zoo["settings"]["pos_kind"][kept]
     by_kind = {k: f"{labels[kinds == i].mean():.2f}" for i, k in enumerate(POS_KINDS)
                if (kinds == i).any()}
     return (f"zoo: {'loaded from cache' if cached else 'trained and cached'} ({path}) "
-            f"in {seconds:.1f}s\n"
+            f"in {seconds:.1f}s" + (f" ({cpu_seconds:.0f}s CPU)" if cpu_seconds else "") + "\n"
             f"zoo: {kept.sum()} of {cfg.models} models learned the task (train acc >= "
             f"{min_train_acc}); {n_gen} generalisers / {len(labels) - n_gen} not "
             f"(acc >= {threshold:.2f} on lengths {cfg.test_len[0]}-{cfg.test_len[1]}, "
