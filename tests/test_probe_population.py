@@ -75,25 +75,22 @@ def test_step_differentiates_the_probe_only_and_changes_nothing_else():
     assert any(np.abs(g).sum() > 0 for g in jax.tree.leaves(full[3]))  # gradients do reach them
 
 
-def test_folds_reuse_one_compiled_step_and_predict_in_chunks():
-    # Every fold and cross-fitted probe of one config runs the step compiled once per shape
-    # (a fold's seed is not part of it); predict runs in fixed-size chunks of models.
+def test_folds_share_one_jitted_step_and_predict_in_chunks():
+    # Every fold and cross-fitted probe of one config gets the same jitted functions (a
+    # fold's seed is not part of them: a compile per argument shape only); predict runs
+    # in fixed-size chunks of models, the last one wrapping around.
     from probe import train
 
-    cfg = zoo.ZooConfig(models=10, d_model=8, n_heads=2, d_mlp=8, n_layers=1, max_len=8)
-    pc = ProbeConfig(queries=2, query_len=8, min_query_len=4, d_noise=4, hidden=8,
-                     batch_models=2, steps=2)
-    params, labels = _stacked_models(cfg, 10), np.arange(10) % 2
-    before = len(train._COMPILED)
-    runs = [train.train_probe(jax.tree.map(lambda x, n=n: x[:n], params), labels[:n], cfg,
-                              dataclasses.replace(pc, seed=seed), verbose=False,
-                              flops_check=False) for seed, n in ((0, 10), (1, 9))]
-    assert len(train._COMPILED) == before + 1  # 10 and 9 models: rows of 5 either way
-    logits = train.predict_logits(runs[0]["predict"], runs[0]["probe"], params,
-                                  jax.random.key(0))
-    assert logits.shape == (10,) and np.isfinite(logits).all()
-    one = train.predict_logits(runs[0]["predict"], runs[0]["probe"],
-                               jax.tree.map(lambda x: x[:1], params), jax.random.key(0))
+    cfg = zoo.ZooConfig(models=5, d_model=8, n_heads=2, d_mlp=8, n_layers=1, max_len=8)
+    pc = ProbeConfig(queries=2, query_len=8, min_query_len=4, d_noise=4, hidden=8)
+    key, fns, tx = train.probe_fns(cfg, pc)
+    assert train.probe_fns(cfg, dataclasses.replace(pc, seed=3)) == (key, fns, tx)
+    assert train.probe_fns(cfg, dataclasses.replace(pc, lr=1.0))[1] is not fns
+    probe, params = init_probe(jax.random.key(1), pc, 2 * cfg.n_vars), _stacked_models(cfg, 5)
+    logits = train.predict_logits(fns["predict"], probe, params, jax.random.key(0))
+    assert logits.shape == (5,) and np.isfinite(logits).all()
+    one = train.predict_logits(fns["predict"], probe, jax.tree.map(lambda x: x[:1], params),
+                               jax.random.key(0))
     np.testing.assert_allclose(one, logits[:1], rtol=1e-6)  # chunk 0 draws the same noise
 
 
