@@ -1,6 +1,6 @@
 """Headline example: a probe trained through a population of frozen transformers.
 
-    python examples/probe_population.py            # minutes on a 2-core laptop CPU
+    python examples/probe_population.py            # 1,152 models; ~11 min CPU (zoo ~4, cached)
     python examples/probe_population.py --quick    # seconds (what the tests run)
     python examples/probe_population.py --zoo DIR --model pkg.mod:apply --vocab V  # your zoo
     python examples/probe_population.py --select   # each fold's probe variant chosen on its
