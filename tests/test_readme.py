@@ -55,3 +55,46 @@ def test_ci_runs_the_two_commands_as_written():
         assert extra and extra.group(1) in project["optional-dependencies"], cmd
         assert run in ("python examples/probe_population.py", "pytest"), cmd
         assert any(line.startswith(cmd) for line in ci_lines), f".ci/run does not run {cmd!r}"
+
+
+def test_population_snippet_runs_on_a_device_per_core():
+    # A fresh process: the snippet asks for one CPU device per core before JAX starts.
+    import subprocess
+    import sys
+
+    code = next(b for b in _blocks("python") if "jf.vmap_models(apply" in b)
+    check = """
+import jfreeze as jf
+assert jax.device_count() == len(os.sched_getaffinity(0)) >= 1
+assert zoo["w1"].sharding.spec == jax.sharding.PartitionSpec("models")
+jf.assert_frozen(jf.stack(models), jax.device_get(zoo), frozen=jf.everything)
+print("LOSS", float(value))
+"""
+    out = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split("LOSS")[1]) < 0.69  # below chance (log 2) after 20 steps
+
+
+def test_layer_norm_recipe_matches_autodiff():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    scope: dict = {}
+    exec(compile(next(b for b in _blocks("python") if "def _ln_bwd" in b), "README.md", "exec"),
+         scope)
+
+    def plain(x, scale, bias, eps=1e-5):
+        xc = x - x.mean(-1, keepdims=True)
+        return xc / jnp.sqrt((xc * xc).mean(-1, keepdims=True) + eps) * scale + bias
+
+    rng = np.random.default_rng(0)
+    x, s, b, w = (jnp.asarray(rng.normal(size=shape), jnp.float32)
+                  for shape in [(3, 5, 8), (8,), (8,), (3, 5, 8)])
+    for ln in (scope["layer_norm"], jax.jit(scope["layer_norm"])):
+        np.testing.assert_allclose(ln(x, s, b), plain(x, s, b), rtol=1e-5, atol=1e-5)
+        got = jax.grad(lambda *a, ln=ln: (ln(*a) * w).sum(), argnums=(0, 1, 2))(x, s, b)
+        want = jax.grad(lambda *a: (plain(*a) * w).sum(), argnums=(0, 1, 2))(x, s, b)
+        for g, h in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
