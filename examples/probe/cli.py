@@ -18,8 +18,8 @@ FLAGS = [  # flag, type, default, default under --quick, help
     ("--query-len", int, 32, 32, "longest query"), ("--min-query-len", int, 16, 16, "shortest"),
     ("--batch-models", int, 32, 8, "frozen models per step, a multiple of --devices"),
     ("--lr", float, 3e-3, 3e-3, "probe learning rate"),
-    ("--generator", str, "mlp", "mlp", "query generator: mlp | deep_linear (ProbeGen's linear "
-     "layers, no activation)"),
+    ("--generator", str, "deep_linear", "deep_linear", "query generator: deep_linear "
+     "(ProbeGen's linear layers, no activation) | mlp"),
     ("--hard-queries", int, 0, 0, "1: straight-through one-hot queries (forward argmax tokens)"),
     ("--head", str, "mlp", "mlp", "mlp | pool (one MLP per answer, mean over queries)"),
     ("--select-splits", int, 2, 2, "with --select: inner splits of each fold's training models"),

@@ -61,7 +61,9 @@ class ProbeConfig:
     eval_draws: int = 8  # noise draws averaged at evaluation
     seed: int = 0
     # Variants (examples/probe/select.py chooses among them on training models only):
-    generator: str = "mlp"  # "deep_linear": ProbeGen's linear stack (Kahana et al. 2024)
+    # "deep_linear": ProbeGen's linear stack (Kahana et al. 2024), what --select chose on
+    # validation splits of training models in 3 of 4 folds; "mlp": the first probe's.
+    generator: str = "deep_linear"
     linear_layers: int = 3  # depth of the "deep_linear" generator
     hard_queries: bool = False  # straight-through one-hot tokens, as a real input would be
     head: str = "mlp"  # "pool": one MLP per answer, mean over queries (permutation-invariant)

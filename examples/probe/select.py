@@ -28,7 +28,7 @@ CHANGES = {"generator": "deep_linear", "hard_queries": True, "head": "pool"}
 
 
 def name(pc: ProbeConfig) -> str:
-    """generator/queries/head, e.g. ``mlp/soft/mlp`` (the default)."""
+    """generator/queries/head, e.g. ``mlp/soft/mlp`` (the first probe, the baseline)."""
     return f"{pc.generator}/{'hard' if pc.hard_queries else 'soft'}/{pc.head}"
 
 
