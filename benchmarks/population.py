@@ -21,7 +21,7 @@ probe only. The same sizes, weights and FLOPs in each variant:
   (``library_population_step``): ``jf.vmap_models`` (stop_gradient, ``dots_saveable``
   remat, vmap, the ``models`` mesh axis) over a transformer whose LayerNorm backward is
   one ``custom_vjp`` (the README's recipe), ``jf.models_mesh`` + ``jf.shard_stacked``,
-  and ``jax.jit(compiler_options=jf.population_compiler_options())``. It compiles to the
+  and ``jax.jit(compiler_options=jf.population_compiler_options(mesh))``. It compiles to the
   same HLO ops as ``jf_vmap``, which reaches ``jf.vmap_models`` through ``Formulation``.
 * ``torch_loop``: K ``nn.Module``-s with ``requires_grad_(False)`` called in a Python loop.
 * ``torch_vmap``: ``torch.func.vmap`` over ``torch.func.functional_call`` with the K
@@ -269,7 +269,7 @@ def library_population_step(s: Sizes, probe, zoo, z, y, dtype=jnp.float32):
         return bce(post(probe["post"], h), y)
 
     @functools.partial(jax.jit, donate_argnums=0,
-                       compiler_options=jf.population_compiler_options())
+                       compiler_options=jf.population_compiler_options(mesh))
     def step(state, zoo, z, y):
         probe, opt = state
         value, grads = jax.value_and_grad(loss)(probe, zoo, z, y)

@@ -7,7 +7,9 @@ and no all-gather over 8 host devices, and errors that name the path.
 
 from __future__ import annotations
 
+import os
 import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -110,11 +112,17 @@ def test_chunks_bound_temporary_memory():
 
 
 def test_compiler_options_and_mesh():
-    assert jf.population_compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
-    assert jf.population_compiler_options("gpu") == jf.population_compiler_options("tpu") == {}
+    no_ynn = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert jf.population_compiler_options(backend="cpu") == no_ynn
+    assert jf.population_compiler_options(backend="gpu") == {}
+    assert jf.population_compiler_options(jf.models_mesh(K), backend="tpu") == {}
+    # A device per core: each device runs its ops on one thread (here one device, so not).
+    many = types.SimpleNamespace(size=len(os.sched_getaffinity(0)) + 1)
+    assert jf.population_compiler_options(many, backend="cpu") == {
+        **no_ynn, "xla_cpu_multi_thread_eigen": False}
     probe, zoo, z, bias = _data()
     step = jax.jit(_loss(jf.vmap_models(apply)),
-                   compiler_options=jf.population_compiler_options("cpu"))
+                   compiler_options=jf.population_compiler_options(backend="cpu"))
     np.testing.assert_allclose(step(probe, zoo, z, bias), _loss(jax.vmap(apply))(
         probe, zoo, z, bias), rtol=1e-5)
     # jf.compiled_flops compiles a jitted step as it is, its compiler options included
