@@ -134,6 +134,8 @@ def test_compiler_options_and_mesh():
     run = jf.vmap_models(apply, mesh=mesh)
     out = jax.jit(run)(jf.shard_stacked(zoo, mesh), z @ probe, bias)
     np.testing.assert_allclose(out[0], jax.vmap(apply)(zoo, z @ probe, bias)[0], rtol=1e-5)
+    eager = run(jf.shard_stacked(zoo, mesh), z @ probe, bias)  # a mesh works outside jit too
+    np.testing.assert_allclose(eager[0], out[0], rtol=1e-6)
 
 
 def test_errors_name_the_path():
