@@ -199,13 +199,12 @@ def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, 
     zoo = jax.tree.map(lambda a: a.astype(dtype), zoo)
     if form.pretransposed:
         zoo = with_transposed_kernels(zoo)
-    # The most devices (up to all) that split the K models evenly.
+    # The most devices (up to all) that split the K models evenly; None: one device.
     mesh = jf.models_mesh(s.models) if form.shard else None
-    devices = mesh.shape["models"] if mesh is not None else 1
+    mesh = mesh if mesh is not None and mesh.size > 1 else None
     if form.mapper == "vmap":
         # The library call: stop_gradient, remat around each model, vmap, the "models" axis.
-        frozen_part = jf.vmap_models(one, remat=form.remat or None,
-                                     mesh=mesh if devices > 1 else None)
+        frozen_part = jf.vmap_models(one, remat=form.remat or None, mesh=mesh)
     else:
         def frozen_part(zoo, x):
             return jax.lax.map(lambda a: one(*a), (zoo, x))
@@ -217,7 +216,7 @@ def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, 
 
     adam = optax.adam(LR)
     params = {"probe": jax.tree.map(jnp.array, probe), "zoo": zoo}
-    if mesh is not None and devices > 1:
+    if mesh is not None:
         # Each device runs K / devices of the frozen models (and their probes' inputs);
         # the probe is replicated, and jit all-reduces only its gradients.
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -237,14 +236,22 @@ def make_jax_variant(name: str, form: Formulation, probe, zoo, s: Sizes, dtype, 
     # xla_cpu_* options are for XLA:CPU only.
     options = dict(form.compiler_options) if jax.default_backend() == "cpu" else {}
     options.update(extra_options or {})
-    compiled = step.lower(state, frozen, z, y).compile(compiler_options=options)
+    return _compiled_variant(name, step, (state, frozen, z, y),
+                             mesh.size if mesh is not None else 1, options)
+
+
+def _compiled_variant(name: str, step, args, devices: int, options=None
+                      ) -> tuple[JaxVariant, dict]:
+    """``step(state, frozen, z, y)`` compiled (with ``options`` on top of its jit's own),
+    its compiled stats, and a variant that has taken its first step."""
+    compiled = step.lower(*args).compile(compiler_options=options or None)
     stats = measure.compiled_stats(compiled, devices=devices)
     # XLA's FLOPs of the step (per device, so times devices); compiler options change how XLA:CPU
     # fuses and calls the ops, not the ops it counts.
-    stats["gflops"] = devices * jf.compiled_flops(step, state, frozen, z, y) / 1e9
-    stats["opt_state_bytes"] = measure.tree_bytes(state[1])
-    stats["frozen_bytes"] = measure.tree_bytes(frozen)  # the stacked zoo the step reads
-    v = JaxVariant(name, compiled, state, frozen, z, y, hlo=compiled.as_text())
+    stats["gflops"] = devices * jf.compiled_flops(step, *args) / 1e9
+    stats["opt_state_bytes"] = measure.tree_bytes(args[0][1])
+    stats["frozen_bytes"] = measure.tree_bytes(args[1])  # the stacked zoo the step reads
+    v = JaxVariant(name, compiled, *args, hlo=compiled.as_text())
     v.loss0 = float(v())  # the first step's loss: at the initial parameters
     return v, stats
 
@@ -282,15 +289,7 @@ def library_population_step(s: Sizes, probe, zoo, z, y, dtype=jnp.float32):
 def make_library_variant(name: str, s: Sizes, probe, zoo, z, y, dtype) -> tuple[JaxVariant, dict]:
     # The step donates its state: a copy, so the other rows still read the first probe.
     probe = jax.tree.map(jnp.array, probe)
-    step, args, devices = library_population_step(s, probe, zoo, z, y, dtype)
-    compiled = step.lower(*args).compile()
-    stats = measure.compiled_stats(compiled, devices=devices)
-    stats["gflops"] = devices * jf.compiled_flops(step, *args) / 1e9
-    stats["opt_state_bytes"] = measure.tree_bytes(args[0][1])
-    stats["frozen_bytes"] = measure.tree_bytes(args[1])
-    v = JaxVariant(name, compiled, *args, hlo=compiled.as_text())
-    v.loss0 = float(v())
-    return v, stats
+    return _compiled_variant(name, *library_population_step(s, probe, zoo, z, y, dtype))
 
 
 def set_threads(n: int | None) -> int:

@@ -120,11 +120,9 @@ def train_probe(zoo_params, labels, model: ModelSpec | ZooConfig, pc: ProbeConfi
 
     mesh = None
     if devices > 1:
-        # Auto axes: jit propagates the shardings (the explicit-sharding mode of new
-        # JAX versions would also need every per-model array annotated).
-        auto = getattr(jax.sharding, "AxisType", None)
-        kw = {"axis_types": (auto.Auto,)} if auto is not None else {}
-        mesh = jax.make_mesh((devices,), ("models",), **kw)
+        # A "models" mesh over the first `devices` devices, with Auto axes: jit
+        # propagates the shardings (S is a multiple of devices, so all of them).
+        mesh = jf.models_mesh(S, devices=jax.local_devices()[:devices])
         rows = jf.shard_stacked(rows, mesh)  # each device holds S / devices rows
         row_labels = jf.shard_stacked(row_labels, mesh)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
