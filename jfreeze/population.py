@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jfreeze._tree import describe_paths, leaves_with_paths
+from jfreeze._tree import describe_paths, is_array, leaves_with_paths
 
 __all__ = [
     "models_mesh",
@@ -212,10 +212,11 @@ def vmap_models(
 ) -> Callable[..., Any]:
     """Runs ``apply(params, *inputs)`` once per frozen model of a stacked population.
 
-    Returns ``run(stacked_params, *inputs)``: every leaf of ``stacked_params`` and
-    of ``inputs`` has a leading model axis of the same size K (an input shared by
-    all models: ``jnp.broadcast_to`` it), and the outputs have it too. Inside
-    ``run``:
+    Returns ``run(stacked_params, *inputs)``: every array leaf of ``stacked_params``
+    and every leaf of ``inputs`` has a leading model axis of the same size K (an
+    input shared by all models: ``jnp.broadcast_to`` it), and the outputs have it
+    too. Other leaves of the params (an Equinox module's activation functions) are
+    the same for every model and reach ``apply`` as they are. Inside ``run``:
 
     * the stacked params go under ``jax.lax.stop_gradient``: they are data, and no
       weight gradient of a frozen model is computed even when a caller
@@ -271,17 +272,21 @@ def vmap_models(
     >>> float(jnp.abs(g[0]["w"]).max()), g[1].shape      # no weight gradients
     (0.0, (4, 5, 3))
     """
-    one = apply
     policy = _remat_policy(remat)
-    if remat is not None:
-        one = jax.checkpoint(apply, policy=policy)
-    batched = jax.vmap(one)
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"jf.vmap_models: chunk must be a positive int or None, got {chunk!r}.")
     if mesh is not None and axis not in mesh.axis_names:
         raise ValueError(f"jf.vmap_models: the mesh has axes {mesh.axis_names}, not {axis!r}.")
 
     def run(params: Any, *inputs: Any) -> Any:
+        # Non-array leaves (an Equinox module's activation functions) are the same for
+        # every model: held as they are, only the arrays are stacked and mapped over.
+        params, static = _partition(params)
+
+        def one(p: Any, *xs: Any) -> Any:
+            return apply(_combine(p, static), *xs)
+
+        batched = jax.vmap(one if remat is None else jax.checkpoint(one, policy=policy))
         k = _model_count(params, inputs)
         shard, n = _constraint(mesh, axis)
         _check_split(params, inputs, k, n, chunk, axis)
@@ -291,6 +296,17 @@ def vmap_models(
         return shard(_chunked(batched, params, inputs, k, chunk, shard))
 
     return run
+
+
+def _partition(tree: Any) -> tuple[Any, Any]:
+    """``(arrays, rest)``: two trees of ``tree``'s structure, ``None`` where the other holds."""
+    arrays = jax.tree.map(lambda x: x if is_array(x) else None, tree)
+    return arrays, jax.tree.map(lambda x: None if is_array(x) else x, tree)
+
+
+def _combine(arrays: Any, rest: Any) -> Any:
+    return jax.tree.map(lambda a, r: r if a is None else a, arrays, rest,
+                        is_leaf=lambda x: x is None)
 
 
 def _remat_policy(remat: Any) -> Any:

@@ -200,3 +200,19 @@ def test_sharded_over_8_host_devices(tmp_path):
     script = tmp_path / "population_call.py"
     script.write_text("import sys; sys.path.insert(0, 'tests')\n" + SCRIPT)
     run_on_host_devices(script, 8, "POPULATION-CALL-OK")
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_an_equinox_population_as_it_is(chunk):
+    # A stacked Equinox module has non-array leaves (its activation functions): they are
+    # shared by every model, so vmap_models takes the module whole, as eqx.filter_vmap does.
+    eqx = pytest.importorskip("equinox")
+    models = eqx.filter_vmap(lambda k: eqx.nn.MLP(3, 2, 8, 2, key=k))(
+        jax.random.split(jax.random.key(0), 4))
+    x = jax.random.normal(jax.random.key(1), (4, 5, 3))
+    run = jf.vmap_models(lambda m, x: jax.vmap(m)(x), chunk=chunk)
+    ref = eqx.filter_vmap(lambda m, x: jax.vmap(m)(x))
+    for fn in (run, eqx.filter_jit(run)):
+        np.testing.assert_allclose(fn(models, x), ref(models, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda x: run(models, x).sum())(x),
+                               jax.grad(lambda x: ref(models, x).sum())(x), rtol=1e-5, atol=1e-6)
