@@ -23,6 +23,8 @@ probe only. The same sizes, weights and FLOPs in each variant:
   one ``custom_vjp`` (the README's recipe), ``jf.models_mesh`` + ``jf.shard_stacked``,
   and ``jax.jit(compiler_options=jf.population_compiler_options(mesh))``. It compiles to the
   same HLO ops as ``jf_vmap``, which reaches ``jf.vmap_models`` through ``Formulation``.
+* ``jf_vmap_models_t``: the same, plus the README's second recipe: every frozen kernel also
+  stored transposed, read by the input-gradient matmuls (twice the frozen memory).
 * ``torch_loop``: K ``nn.Module``-s with ``requires_grad_(False)`` called in a Python loop.
 * ``torch_vmap``: ``torch.func.vmap`` over ``torch.func.functional_call`` with the K
   models' parameters stacked by ``torch.func.stack_module_state``.
@@ -65,7 +67,7 @@ from benchmarks.models import (
     with_transposed_kernels,
 )
 
-VARIANTS = ("jf_vmap", "jf_vmap_models", "torch_loop", "torch_vmap")
+VARIANTS = ("jf_vmap", "jf_vmap_models", "jf_vmap_models_t", "torch_loop", "torch_vmap")
 LR = 1e-3
 
 
@@ -256,14 +258,18 @@ def _compiled_variant(name: str, step, args, devices: int, options=None
     return v, stats
 
 
-def library_population_step(s: Sizes, probe, zoo, z, y, dtype=jnp.float32):
+def library_population_step(s: Sizes, probe, zoo, z, y, dtype=jnp.float32, transposed=False):
     """The README's population path, with the library call only (row ``jf_vmap_models``).
 
+    ``transposed``: also the README's second recipe, every frozen kernel stored transposed
+    beside it (row ``jf_vmap_models_t``, twice the frozen memory).
     ``jax_num_cpu_devices`` (one CPU device per core) is set by ``main`` before JAX starts.
     Returns the jitted step ``(state, zoo, z, y) -> (state, loss)`` and its arguments.
     """
     mesh = jf.models_mesh(s.models)  # the most local devices that split the K models evenly
-    zoo, z, y = jf.shard_stacked((jax.tree.map(lambda a: a.astype(dtype), zoo), z, y), mesh)
+    zoo = jax.tree.map(lambda a: a.astype(dtype), zoo)
+    zoo = with_transposed_kernels(zoo) if transposed else zoo
+    zoo, z, y = jf.shard_stacked((zoo, z, y), mesh)
     probe = jax.device_put(probe, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     # LayerNorm with its backward as one custom_vjp: the README's recipe.
     frozen_forward = jf.vmap_models(
@@ -289,7 +295,9 @@ def library_population_step(s: Sizes, probe, zoo, z, y, dtype=jnp.float32):
 def make_library_variant(name: str, s: Sizes, probe, zoo, z, y, dtype) -> tuple[JaxVariant, dict]:
     # The step donates its state: a copy, so the other rows still read the first probe.
     probe = jax.tree.map(jnp.array, probe)
-    return _compiled_variant(name, *library_population_step(s, probe, zoo, z, y, dtype))
+    transposed = name.endswith("_t")
+    return _compiled_variant(name, *library_population_step(s, probe, zoo, z, y, dtype,
+                                                            transposed))
 
 
 def set_threads(n: int | None) -> int:
@@ -335,11 +343,12 @@ def run_config(s: Sizes, *, dtype, variants, jax_extra, rounds, per_round, time_
                   "asynchronously, so their times are lower bounds; see benchmarks/NOTES.md)")
             print(measure.profile_ops(pv.hlo, pv) + "\n")
 
-    if "jf_vmap_models" in variants:
-        v, stats = make_library_variant("jf_vmap_models", s, probe, zoo, z, y, dtype)
-        rows[v.name] = {"variant": v.name, "framework": "jax", "formulation": "library",
-                        **base, **stats, "loss0": v.loss0}
-        steps[v.name] = v
+    for name in ("jf_vmap_models", "jf_vmap_models_t"):
+        if name in variants:
+            v, stats = make_library_variant(name, s, probe, zoo, z, y, dtype)
+            rows[name] = {"variant": name, "framework": "jax", "formulation": "library",
+                          **base, **stats, "loss0": v.loss0}
+            steps[name] = v
     torch_variants = [v for v in variants if v.startswith("torch")]
     if torch_compile and "torch_vmap_compile" not in torch_variants:
         torch_variants.append("torch_vmap_compile")

@@ -112,6 +112,12 @@ def test_population_rows(results):
         assert lib["temp_bytes"] > 0
         assert lib["gflops"] == pytest.approx(jf["gflops"], rel=5e-3)
         assert lib["loss0"] == pytest.approx(jf["loss0"], rel=1e-6)
+        # The transposed-kernels recipe: the weight gradients it defines are dropped by XLA
+        # (the same matmul FLOPs), at twice the frozen weights' bytes (biases aside).
+        t = rows["jf_vmap_models_t"]
+        assert t["matmul_gflops"] == lib["matmul_gflops"]
+        assert lib["frozen_bytes"] < t["frozen_bytes"] < 2 * lib["frozen_bytes"]
+        assert t["loss0"] == pytest.approx(lib["loss0"], rel=1e-6)
         torch_rows = {k: v for k, v in rows.items() if k.startswith("torch")}
         assert bool(torch_rows) == HAVE_TORCH
         for name, r in torch_rows.items():

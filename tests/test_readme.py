@@ -98,3 +98,29 @@ def test_layer_norm_recipe_matches_autodiff():
         want = jax.grad(lambda *a: (plain(*a) * w).sum(), argnums=(0, 1, 2))(x, s, b)
         for g, h in zip(got, want, strict=True):
             np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_matmul_recipe_matches_autodiff():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    scope: dict = {}
+    exec(compile(next(b for b in _blocks("python") if "def _fm_bwd" in b), "README.md", "exec"),
+         scope)
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.complex64):
+        x, w, c = (jnp.asarray((rng.normal(size=shape) + (dtype is np.complex64)
+                                * 1j * rng.normal(size=shape)).astype(dtype))
+                   for shape in [(3, 5, 8), (8, 4), (3, 5, 4)])
+        w_t = jnp.swapaxes(w, -1, -2)
+        for mm in (scope["frozen_matmul"], jax.jit(scope["frozen_matmul"])):
+            np.testing.assert_allclose(mm(x, w, w_t), x @ w, rtol=1e-5)
+            got = jax.grad(lambda x, w, mm=mm: (mm(x, w, w_t) * c).sum().real,
+                           argnums=(0, 1))(x, w)
+            want = jax.grad(lambda x, w: ((x @ w) * c).sum().real, argnums=(0, 1))(x, w)
+            for g, h in zip(got, want, strict=True):
+                np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
+            # The stored copy is not a second weight: no gradient reaches it.
+            g_t = jax.grad(lambda w_t, mm=mm: mm(x, w, w_t).real.sum())(w_t)
+            assert not np.any(np.asarray(g_t))
