@@ -237,7 +237,8 @@ def vmap_models(
       the input gradients;
     * with a ``mesh`` (or an ambient one from ``jax.set_mesh``) that has
       ``axis``, params, inputs and outputs are constrained to
-      ``PartitionSpec(axis)``: each device runs its K / n models and ``jax.jit``
+      ``PartitionSpec(axis)`` (an ``Explicit`` axis is resharded, which jax allows
+      only under the mesh's ``jax.set_mesh``): each device runs its K / n models and ``jax.jit``
       all-reduces only what the caller sums over models (the probe's gradients).
       Place the stacked params with :func:`shard_stacked` on the same mesh, so
       no device holds the whole population.
@@ -259,7 +260,8 @@ def vmap_models(
     Raises:
       ValueError: naming the path of a leaf without the model axis or with a
         different K, an unknown ``remat`` name, a ``chunk`` that does not divide
-        K, or a mesh without ``axis``.
+        K, a mesh without ``axis``, or an ``Explicit`` ``axis`` outside
+        ``jax.set_mesh``.
 
     >>> import jax, jax.numpy as jnp
     >>> import jfreeze as jf
@@ -347,9 +349,22 @@ def _model_count(params: Any, inputs: tuple[Any, ...]) -> int:
 def _constraint(mesh: Mesh | None, axis: str) -> tuple[Callable[[Any], Any], int]:
     """A function constraining a tree's leading axis to ``axis``, and that axis' size."""
     # The ambient mesh of jax.set_mesh (an AbstractMesh) when none is given.
-    use: Any = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    ambient = jax.sharding.get_abstract_mesh()
+    use: Any = ambient if mesh is None else mesh
     if use.empty or axis not in use.axis_names:
         return (lambda tree: tree), 1
+    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
+    if explicit is not None and use.axis_types[use.axis_names.index(axis)] == explicit:
+        # An Explicit axis is part of the arrays' types: reshard, which jax allows only
+        # under the mesh's jax.set_mesh (with_sharding_constraint takes Auto axes only).
+        if ambient.empty or axis not in ambient.axis_names:
+            raise ValueError(
+                f"jf.vmap_models: mesh axis {axis!r} is Explicit; call the step under "
+                "`with jax.set_mesh(mesh):` (mesh= may then be left out), or use a mesh "
+                "whose axis is Auto (jf.models_mesh makes one).")
+        spec = PartitionSpec(axis)
+        return (lambda tree: jax.tree.map(lambda x: jax.sharding.reshard(x, spec), tree),
+                use.shape[axis])
     sharding = NamedSharding(use, PartitionSpec(axis))
     return (lambda tree: jax.lax.with_sharding_constraint(tree, sharding)), use.shape[axis]
 

@@ -185,6 +185,19 @@ SCRIPT = textwrap.dedent(
         step = jax.jit(jax.value_and_grad(_loss(jf.vmap_models(apply))))
         hlo = step.lower(probe, *placed).compile().as_text()
         assert "all-reduce" in hlo and "all-gather" not in hlo
+    # An Explicit-axis mesh: resharded under its jax.set_mesh (chunked too), refused without.
+    explicit = jax.make_mesh((8,), ("models",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(explicit):
+        on_explicit = jf.shard_stacked((zoo, z, bias), explicit)
+        for chunk in (None, 8):
+            step = jax.jit(jax.value_and_grad(_loss(jf.vmap_models(apply, chunk=chunk))))
+            compiled = step.lower(probe, *on_explicit).compile()
+            hlo = compiled.as_text()
+            assert "all-reduce" in hlo and "all-gather" not in hlo, chunk
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         compiled(probe, *on_explicit), want)
+    with pytest.raises(ValueError, match="axis 'models' is Explicit; call the step under"):
+        jax.jit(jf.vmap_models(apply, mesh=explicit))(zoo, z @ probe, bias)
     run = jf.vmap_models(apply, mesh=mesh, chunk=4)
     with pytest.raises(ValueError, match="chunk=4 must .* multiple of the 8 devices"):
         run(zoo, z @ probe, bias)

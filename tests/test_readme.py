@@ -108,19 +108,22 @@ def test_frozen_matmul_recipe_matches_autodiff():
     scope: dict = {}
     exec(compile(next(b for b in _blocks("python") if "def _fm_bwd" in b), "README.md", "exec"),
          scope)
+
+    def check(mm, x, w, c):
+        w_t = jnp.swapaxes(w, -1, -2)
+        np.testing.assert_allclose(mm(x, w, w_t), x @ w, rtol=1e-5)
+        got = jax.grad(lambda x, w: (mm(x, w, w_t) * c).sum().real, argnums=(0, 1))(x, w)
+        want = jax.grad(lambda x, w: ((x @ w) * c).sum().real, argnums=(0, 1))(x, w)
+        for g, h in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
+        # The stored copy is not a second weight: no gradient reaches it.
+        g_t = jax.grad(lambda w_t: mm(x, w, w_t).real.sum())(w_t)
+        assert not np.any(np.asarray(g_t))
+
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.complex64):
-        x, w, c = (jnp.asarray((rng.normal(size=shape) + (dtype is np.complex64)
-                                * 1j * rng.normal(size=shape)).astype(dtype))
-                   for shape in [(3, 5, 8), (8, 4), (3, 5, 4)])
-        w_t = jnp.swapaxes(w, -1, -2)
-        for mm in (scope["frozen_matmul"], jax.jit(scope["frozen_matmul"])):
-            np.testing.assert_allclose(mm(x, w, w_t), x @ w, rtol=1e-5)
-            got = jax.grad(lambda x, w, mm=mm: (mm(x, w, w_t) * c).sum().real,
-                           argnums=(0, 1))(x, w)
-            want = jax.grad(lambda x, w: ((x @ w) * c).sum().real, argnums=(0, 1))(x, w)
-            for g, h in zip(got, want, strict=True):
-                np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
-            # The stored copy is not a second weight: no gradient reaches it.
-            g_t = jax.grad(lambda w_t, mm=mm: mm(x, w, w_t).real.sum())(w_t)
-            assert not np.any(np.asarray(g_t))
+        imag = 1j if dtype is np.complex64 else 0
+        x, w, c = (jnp.asarray((rng.normal(size=shape) + imag * rng.normal(size=shape))
+                               .astype(dtype)) for shape in [(3, 5, 8), (8, 4), (3, 5, 4)])
+        check(scope["frozen_matmul"], x, w, c)
+        check(jax.jit(scope["frozen_matmul"]), x, w, c)
