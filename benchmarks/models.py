@@ -147,7 +147,8 @@ def _mp_bwd(res, g):
     # weights nothing reads it and XLA drops it (matmul FLOPs = ideal, tested).
     x, wt = res
     lead = tuple(range(g.ndim - 1))
-    return g @ wt, jnp.tensordot(x, g, axes=(lead, lead)), None
+    dx = (g @ wt).astype(x.dtype)
+    return dx, jnp.tensordot(x, g, axes=(lead, lead)).astype(wt.dtype), None
 
 
 _matmul_pretransposed.defvjp(_mp_fwd, _mp_bwd)

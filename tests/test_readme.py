@@ -114,8 +114,11 @@ def test_frozen_matmul_recipe_matches_autodiff():
         np.testing.assert_allclose(mm(x, w, w_t), x @ w, rtol=1e-5)
         got = jax.grad(lambda x, w: (mm(x, w, w_t) * c).sum().real, argnums=(0, 1))(x, w)
         want = jax.grad(lambda x, w: ((x @ w) * c).sum().real, argnums=(0, 1))(x, w)
+        tol = 2e-2 if jnp.bfloat16 in (x.dtype, w.dtype) else 1e-5
         for g, h in zip(got, want, strict=True):
-            np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-5)
+            assert g.dtype == h.dtype
+            np.testing.assert_allclose(np.asarray(g.astype(jnp.complex64)),
+                                       np.asarray(h.astype(jnp.complex64)), rtol=tol, atol=tol)
         # The stored copy is not a second weight: no gradient reaches it.
         g_t = jax.grad(lambda w_t: mm(x, w, w_t).real.sum())(w_t)
         assert not np.any(np.asarray(g_t))
@@ -127,3 +130,9 @@ def test_frozen_matmul_recipe_matches_autodiff():
                                .astype(dtype)) for shape in [(3, 5, 8), (8, 4), (3, 5, 4)])
         check(scope["frozen_matmul"], x, w, c)
         check(jax.jit(scope["frozen_matmul"]), x, w, c)
+        check(scope["frozen_matmul"], x[0, 0], w, c[0, 0])  # one vector: an outer product
+    # Mixed precision: each gradient in its own input's dtype, as autodiff gives it.
+    x, w, c = (jnp.asarray(rng.normal(size=shape), np.float32)
+               for shape in [(3, 5, 8), (8, 4), (3, 5, 4)])
+    check(scope["frozen_matmul"], x, w.astype(jnp.bfloat16), c)
+    check(jax.jit(scope["frozen_matmul"]), x.astype(jnp.bfloat16), w, c)
