@@ -132,7 +132,9 @@ def cross_validate(params, labels, splits: list, model: ModelSpec | ZooConfig, p
                                            "pred": np.full(n, np.nan)})
             h["score"][te], h["pred"][te] = sc.pop("score"), sc.pop("pred")
         folds.append(fold)
-        print(f"fold {k + 1}/{len(splits)} done in {time.time() - t_fold[0]:.0f}s "
+        # One split (--folds 1, or one fold of --select, which labels its own folds): no count.
+        where = f"fold {k + 1}/{len(splits)}" if len(splits) > 1 else "split"
+        print(f"{where} done in {time.time() - t_fold[0]:.0f}s "
               f"({time.process_time() - t_fold[1]:.0f}s CPU; the probe's "
               f"{pc.steps} steps {out['train_seconds']:.0f}s)")
     return {
