@@ -147,8 +147,11 @@ def _mp_bwd(res, g):
     # weights nothing reads it and XLA drops it (matmul FLOPs = ideal, tested).
     x, wt = res
     lead = tuple(range(g.ndim - 1))
-    dx = (g @ wt).astype(x.dtype)
-    return dx, jnp.tensordot(x, g, axes=(lead, lead)).astype(wt.dtype), None
+    return _like(g @ wt, x.dtype), _like(jnp.tensordot(x, g, axes=(lead, lead)), wt.dtype), None
+
+
+def _like(a, dtype):  # a gradient in its input's dtype (a real input: the real part)
+    return (a if jnp.issubdtype(dtype, jnp.complexfloating) else a.real).astype(dtype)
 
 
 _matmul_pretransposed.defvjp(_mp_fwd, _mp_bwd)

@@ -5,6 +5,11 @@ import io
 import pathlib
 import re
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import property_settings
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -100,39 +105,51 @@ def test_layer_norm_recipe_matches_autodiff():
             np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
 
 
-def test_frozen_matmul_recipe_matches_autodiff():
+def _frozen_matmul():
+    scope: dict = {}
+    exec(compile(next(b for b in _blocks("python") if "def _fm_bwd" in b), "README.md", "exec"),
+         scope)
+    return scope["frozen_matmul"]
+
+
+DTYPES = ["float32", "bfloat16", "float16", "complex64"]
+
+
+@pytest.mark.filterwarnings("error:Casting from complex to real")  # jax will raise there
+@property_settings(30, shrink=False)
+@given(lead=st.lists(st.integers(1, 3), max_size=2), n_in=st.integers(1, 5),
+       n_out=st.integers(1, 5), x_dtype=st.sampled_from(DTYPES),
+       w_dtype=st.sampled_from(DTYPES), jit=st.booleans(), seed=st.integers(0, 2**16))
+def test_frozen_matmul_recipe_matches_autodiff(lead, n_in, n_out, x_dtype, w_dtype, jit, seed):
+    """Values, both gradients (each in its input's dtype) and no gradient for the stored copy,
+    for any leading dims (none: a vector), any real/complex/low-precision dtype pair."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    scope: dict = {}
-    exec(compile(next(b for b in _blocks("python") if "def _fm_bwd" in b), "README.md", "exec"),
-         scope)
+    mm = jax.jit(_frozen_matmul()) if jit else _frozen_matmul()
+    rng = np.random.default_rng(seed)
 
-    def check(mm, x, w, c):
-        w_t = jnp.swapaxes(w, -1, -2)
-        np.testing.assert_allclose(mm(x, w, w_t), x @ w, rtol=1e-5)
-        got = jax.grad(lambda x, w: (mm(x, w, w_t) * c).sum().real, argnums=(0, 1))(x, w)
-        want = jax.grad(lambda x, w: ((x @ w) * c).sum().real, argnums=(0, 1))(x, w)
-        tol = 2e-2 if jnp.bfloat16 in (x.dtype, w.dtype) else 1e-5
-        for g, h in zip(got, want, strict=True):
-            assert g.dtype == h.dtype
-            np.testing.assert_allclose(np.asarray(g.astype(jnp.complex64)),
-                                       np.asarray(h.astype(jnp.complex64)), rtol=tol, atol=tol)
-        # The stored copy is not a second weight: no gradient reaches it.
-        g_t = jax.grad(lambda w_t: mm(x, w, w_t).real.sum())(w_t)
-        assert not np.any(np.asarray(g_t))
+    def draw(shape, dtype):
+        z = rng.normal(size=shape) + (1j * rng.normal(size=shape) if "complex" in dtype else 0)
+        return jnp.asarray(z).astype(dtype)
 
-    rng = np.random.default_rng(0)
-    for dtype in (np.float32, np.complex64):
-        imag = 1j if dtype is np.complex64 else 0
-        x, w, c = (jnp.asarray((rng.normal(size=shape) + imag * rng.normal(size=shape))
-                               .astype(dtype)) for shape in [(3, 5, 8), (8, 4), (3, 5, 4)])
-        check(scope["frozen_matmul"], x, w, c)
-        check(jax.jit(scope["frozen_matmul"]), x, w, c)
-        check(scope["frozen_matmul"], x[0, 0], w, c[0, 0])  # one vector: an outer product
-    # Mixed precision: each gradient in its own input's dtype, as autodiff gives it.
-    x, w, c = (jnp.asarray(rng.normal(size=shape), np.float32)
-               for shape in [(3, 5, 8), (8, 4), (3, 5, 4)])
-    check(scope["frozen_matmul"], x, w.astype(jnp.bfloat16), c)
-    check(jax.jit(scope["frozen_matmul"]), x.astype(jnp.bfloat16), w, c)
+    x, w = draw((*lead, n_in), x_dtype), draw((n_in, n_out), w_dtype)
+    w_t = jnp.swapaxes(w, -1, -2)
+    c = draw((*lead, n_out), "complex64")
+    low = {"bfloat16", "float16"} & {x_dtype, w_dtype}
+    tol = 3e-2 if low else 1e-5
+
+    def close(a, b):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a.astype(jnp.complex64)),
+                                   np.asarray(b.astype(jnp.complex64)), rtol=tol, atol=tol)
+
+    close(mm(x, w, w_t), x @ w)
+    got = jax.grad(lambda x, w: (mm(x, w, w_t) * c).sum().real, argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: ((x @ w) * c).sum().real, argnums=(0, 1))(x, w)
+    for g, h in zip(got, want, strict=True):
+        close(g, h)
+    # The stored copy is not a second weight: no gradient reaches it.
+    g_t = jax.grad(lambda w_t: (mm(x, w, w_t) * c).sum().real)(w_t)
+    assert not np.any(np.asarray(g_t))
