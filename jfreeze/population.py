@@ -234,7 +234,9 @@ def vmap_models(
       forward pass of the frozen models in the backward (matmul FLOPs
       ``3 x forward`` instead of ``2 x``). It does not reduce the stacked params
       (they must fit, on each device their share), the inputs, the outputs or
-      the input gradients;
+      the input gradients. XLA:CPU moves bf16/f16 data through the loop as f32:
+      every value is kept (subnormals, -0.0, inf), but a NaN may come back
+      quieted, its payload lost;
     * with a ``mesh`` (or an ambient one from ``jax.set_mesh``) that has
       ``axis``, params, inputs and outputs are constrained to
       ``PartitionSpec(axis)`` (an ``Explicit`` axis is resharded, which jax allows
