@@ -8,6 +8,7 @@ mesh axis (:func:`models_mesh`, :func:`shard_stacked`).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +19,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jfreeze._tree import describe_paths, is_array, leaves_with_paths
+
+# Mesh axis types (Auto / Explicit); a jax without them has Auto axes only.
+_AXIS_TYPE = getattr(jax.sharding, "AxisType", None)
 
 __all__ = [
     "models_mesh",
@@ -154,8 +158,7 @@ def models_mesh(n_models: int, *, axis: str = "models", devices: Sequence[Any] |
         raise ValueError(f"jf.models_mesh: needs n_models >= 1 and a device, got {n_models} "
                          f"models and {len(devices)} devices.")
     n = max(k for k in range(1, len(devices) + 1) if n_models % k == 0)
-    auto = getattr(jax.sharding, "AxisType", None)
-    kw = {"axis_types": (auto.Auto,)} if auto is not None else {}
+    kw = {"axis_types": (_AXIS_TYPE.Auto,)} if _AXIS_TYPE is not None else {}
     return jax.make_mesh((n,), (axis,), devices=devices[:n], **kw)
 
 
@@ -282,15 +285,27 @@ def vmap_models(
     if mesh is not None and axis not in mesh.axis_names:
         raise ValueError(f"jf.vmap_models: the mesh has axes {mesh.axis_names}, not {axis!r}.")
 
+    def build(static: Any) -> Callable[..., Any]:
+        def one(p: Any, *xs: Any) -> Any:
+            return apply(_combine(p, static), *xs)
+
+        return jax.vmap(one if remat is None else jax.checkpoint(one, policy=policy))
+
+    # One function per kind of shared leaves, so eager calls reuse jax.checkpoint's trace
+    # (a fresh closure per call retraced the model each time: 3x slower eager calls).
+    @functools.lru_cache(maxsize=8)
+    def built(treedef: Any, leaves: tuple) -> Callable[..., Any]:
+        return build(jax.tree.unflatten(treedef, leaves))
+
     def run(params: Any, *inputs: Any) -> Any:
         # Non-array leaves (an Equinox module's activation functions) are the same for
         # every model: held as they are, only the arrays are stacked and mapped over.
         params, static = _partition(params)
-
-        def one(p: Any, *xs: Any) -> Any:
-            return apply(_combine(p, static), *xs)
-
-        batched = jax.vmap(one if remat is None else jax.checkpoint(one, policy=policy))
+        leaves, treedef = jax.tree.flatten(static)
+        try:
+            batched = built(treedef, tuple(leaves))
+        except TypeError:  # an unhashable shared leaf: built for this call only
+            batched = build(static)
         k = _model_count(params, inputs)
         shard, n = _constraint(mesh, axis)
         _check_split(params, inputs, k, n, chunk, axis)
@@ -355,8 +370,8 @@ def _constraint(mesh: Mesh | None, axis: str) -> tuple[Callable[[Any], Any], int
     use: Any = ambient if mesh is None else mesh
     if use.empty or axis not in use.axis_names:
         return (lambda tree: tree), 1
-    explicit = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
-    if explicit is not None and use.axis_types[use.axis_names.index(axis)] == explicit:
+    if (_AXIS_TYPE is not None
+            and use.axis_types[use.axis_names.index(axis)] == _AXIS_TYPE.Explicit):
         # An Explicit axis is part of the arrays' types: reshard, which jax allows only
         # under the mesh's jax.set_mesh (with_sharding_constraint takes Auto axes only).
         if ambient.empty or axis not in ambient.axis_names:

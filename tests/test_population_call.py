@@ -288,3 +288,25 @@ def test_any_population_tree_and_bit_pattern(skeleton, k, chunk, jit, special, s
     assert jax.tree.structure(gz) == jax.tree.structure(zoo)
     for g, z in zip(jax.tree.leaves(gz), jax.tree.leaves(zoo), strict=True):
         assert g.dtype == z.dtype and not np.any(np.asarray(g))
+
+
+def test_eager_calls_reuse_the_trace_and_unhashable_shared_leaves_work():
+    # One wrapped function per kind of shared leaves: repeated eager calls trace the model
+    # once (a fresh closure per call retraced it every time). An unhashable shared leaf
+    # (a SimpleNamespace) cannot key that cache and is wrapped for its call instead.
+    import types
+
+    traces = []
+
+    def model(p, x):
+        traces.append(1)
+        return jnp.tanh(x @ p["w"]) * (p["cfg"].scale if "cfg" in p else 1.0)
+
+    zoo, x = {"w": jnp.ones((4, 3, 2))}, jnp.ones((4, 5, 3))
+    run = jf.vmap_models(model)
+    outs = [run(zoo, x) for _ in range(3)]
+    assert len(traces) == 1
+    cfg = types.SimpleNamespace(scale=2.0)
+    with pytest.raises(TypeError):
+        hash(cfg)
+    np.testing.assert_allclose(run({**zoo, "cfg": cfg}, x), 2 * outs[0], rtol=1e-6)
