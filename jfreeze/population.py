@@ -294,8 +294,8 @@ def vmap_models(
     # One function per kind of shared leaves, so eager calls reuse jax.checkpoint's trace
     # (a fresh closure per call retraced the model each time: 3x slower eager calls).
     @functools.lru_cache(maxsize=8)
-    def built(treedef: Any, leaves: tuple) -> Callable[..., Any]:
-        return build(jax.tree.unflatten(treedef, leaves))
+    def built(treedef: Any, typed: tuple) -> Callable[..., Any]:
+        return build(jax.tree.unflatten(treedef, [x for _, x in typed]))
 
     def run(params: Any, *inputs: Any) -> Any:
         # Non-array leaves (an Equinox module's activation functions) are the same for
@@ -303,7 +303,8 @@ def vmap_models(
         params, static = _partition(params)
         leaves, treedef = jax.tree.flatten(static)
         try:
-            batched = built(treedef, tuple(leaves))
+            # Keyed by type too: 1, 1.0 and True are equal, and must not share a function.
+            batched = built(treedef, tuple((type(x), x) for x in leaves))
         except TypeError:  # an unhashable shared leaf: built for this call only
             batched = build(static)
         k = _model_count(params, inputs)

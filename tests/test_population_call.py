@@ -310,3 +310,7 @@ def test_eager_calls_reuse_the_trace_and_unhashable_shared_leaves_work():
     with pytest.raises(TypeError):
         hash(cfg)
     np.testing.assert_allclose(run({**zoo, "cfg": cfg}, x), 2 * outs[0], rtol=1e-6)
+    # Equal but different shared leaves (1 == 1.0 == True) each reach the model as they are.
+    kinds = jf.vmap_models(lambda p, x: x * {int: 1.0, float: 2.0, bool: 3.0}[type(p["s"])])
+    for s, factor in ((1, 1.0), (1.0, 2.0), (True, 3.0)):
+        np.testing.assert_allclose(kinds({**zoo, "s": s}, x), factor * x)
